@@ -1,0 +1,1 @@
+"""What server and client both need: wire schemas, codec, noise, aggregation, settings."""

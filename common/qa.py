@@ -1,0 +1,134 @@
+"""Question–answer data in TOFU's shape: loading, answer-masked batches, answer likelihoods.
+
+A record is a JSON object with at least `question` and `answer`. Files are JSON lines (as the
+TOFU dataset ships) or one JSON array. The prompt is `Question: {q}\\nAnswer:` and the answer
+is ` {a}` followed by EOS; prompt and answer are tokenized separately so the boundary between
+the masked prompt and the scored answer is exact for any tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class QAPair:
+    question: str
+    answer: str
+
+
+def load_records(path: str | Path) -> list[dict]:
+    """All records of a JSON-lines or JSON-array file, as dicts."""
+    text = Path(path).read_text(encoding="utf-8").strip()
+    if not text:
+        return []
+    if text.startswith("["):
+        records = json.loads(text)
+    else:
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
+    if not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"{path}: every record must be a JSON object")
+    return records
+
+
+def load_qa(path: str | Path) -> list[QAPair]:
+    """The question–answer pairs of a file; refuses records without both fields."""
+    pairs = []
+    for number, record in enumerate(load_records(path), start=1):
+        question, answer = record.get("question"), record.get("answer")
+        if not isinstance(question, str) or not isinstance(answer, str):
+            raise ValueError(f"{path}: record {number} needs string fields 'question' and 'answer'")
+        pairs.append(QAPair(question, answer))
+    if not pairs:
+        raise ValueError(f"{path}: no question–answer records")
+    return pairs
+
+
+def prompt_text(question: str) -> str:
+    return f"Question: {question}\nAnswer:"
+
+
+def encode_pair(tokenizer, question: str, answer: str) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt (with the tokenizer's BOS, if any) and of the answer plus EOS."""
+    prompt_ids = tokenizer(prompt_text(question))["input_ids"]
+    answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        answer_ids = answer_ids + [tokenizer.eos_token_id]
+    return list(prompt_ids), list(answer_ids)
+
+
+def collate(tokenizer, pairs: list[tuple[str, str]] | list[QAPair], max_length: int = 512) -> dict[str, torch.Tensor]:
+    """A right-padded batch: `labels` hold the answer tokens and IGNORE_INDEX elsewhere.
+
+    Pads to the longest sequence of the batch, not to a fixed length (it halves the cost on
+    short templated QA). Sequences longer than `max_length` lose prompt tokens from the left,
+    never answer tokens, unless the answer alone is longer.
+    """
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = []
+    for pair in pairs:
+        question, answer = (pair.question, pair.answer) if isinstance(pair, QAPair) else pair
+        prompt_ids, answer_ids = encode_pair(tokenizer, question, answer)
+        ids = (prompt_ids + answer_ids)[-max_length:]
+        n_answer = min(len(answer_ids), len(ids))
+        rows.append((ids, [IGNORE_INDEX] * (len(ids) - n_answer) + ids[len(ids) - n_answer:]))
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        attention_mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood [batch, seq-1] in float32, zero where labels are ignored."""
+    shifted_logits = logits[:, :-1, :].float()
+    shifted_labels = labels[:, 1:]
+    mask = shifted_labels != IGNORE_INDEX
+    nll = torch.nn.functional.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.size(-1)),
+        shifted_labels.clamp(min=0).reshape(-1),
+        reduction="none",
+    ).view_as(shifted_labels)
+    return nll * mask
+
+
+def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NLL(y|x) summed over each sequence's answer tokens, and the number of answer tokens."""
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+    return token_nll(logits, labels).sum(dim=1), counts
+
+
+@torch.no_grad()
+def answer_probabilities(model, tokenizer, pairs: list[QAPair], batch_size: int = 32) -> list[float]:
+    """P̄(a|q) = exp(−NLL(a|q)/|a|) for each pair (DESIGN.md §7)."""
+    model.eval()
+    device = next(model.parameters()).device
+    probabilities: list[float] = []
+    for start in range(0, len(pairs), batch_size):
+        batch = {k: v.to(device) for k, v in collate(tokenizer, pairs[start : start + batch_size]).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll, counts = sequence_nll(logits, batch["labels"])
+        probabilities.extend(torch.exp(-nll / counts.clamp(min=1)).tolist())
+    return probabilities
+
+
+def mean_answer_probability(model, tokenizer, pairs: list[QAPair], batch_size: int = 32) -> float:
+    values = answer_probabilities(model, tokenizer, pairs, batch_size)
+    return sum(values) / len(values)
