@@ -1,0 +1,5 @@
+import sys
+
+from pum.cli import main
+
+sys.exit(main())

@@ -1,0 +1,84 @@
+"""The admin's side of the wire (AdminAPI) and the job-file loader used by `pum admin create`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import httpx
+import yaml
+
+from pum.common.settings import PumSettings
+
+from .api import raise_for_status
+
+END_STATES = ("finalized", "aborted", "failed")
+
+
+class AdminAPI:
+    def __init__(self, http: httpx.Client):
+        self.http = http
+
+    def create_job(self, task: str, model_dir: str, pum: Mapping[str, Any], hyperparams: Mapping[str, Any]) -> dict:
+        body = {"task": task, "model_dir": model_dir, "pum": dict(pum), "hyperparams": dict(hyperparams)}
+        return raise_for_status(self.http.post("/v1/jobs", json=body)).json()
+
+    def jobs(self) -> list[dict]:
+        return raise_for_status(self.http.get("/v1/jobs")).json()
+
+    def status(self, job_id: str) -> dict:
+        return raise_for_status(self.http.get(f"/v1/jobs/{job_id}")).json()
+
+    def action(self, job_id: str, action: str) -> dict:
+        """start, pause, resume, abort, advance or finalize."""
+        return raise_for_status(self.http.post(f"/v1/jobs/{job_id}/{action}")).json()
+
+    def issue_token(self, job_id: str, label: str = "worker") -> str:
+        return raise_for_status(self.http.post(f"/v1/jobs/{job_id}/tokens", json={"label": label})).json()["token"]
+
+    def download_model(self, job_id: str, dest: Path) -> Path:
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in raise_for_status(self.http.get(f"/v1/jobs/{job_id}/model")).json()["files"]:
+            with self.http.stream("GET", f"/v1/jobs/{job_id}/model/{name}") as response:
+                if not response.is_success:
+                    response.read()
+                    raise_for_status(response)
+                with (dest / name).open("wb") as f:
+                    for chunk in response.iter_bytes(1 << 20):
+                        f.write(chunk)
+        return dest
+
+    def wait(self, job_id: str, timeout_s: float = 3600.0, poll_s: float = 0.5,
+             sleep: Callable[[float], None] = time.sleep) -> dict:
+        """Poll until the job is finalized, aborted or failed; raises TimeoutError past the limit."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self.status(job_id)
+            if status["state"] in END_STATES:
+                return status
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {status['state']} (round {status['round']}) after {timeout_s:g} s")
+            sleep(poll_s)
+
+
+def load_job_file(path: Path, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A job YAML: `task`, `model_dir`, `hyperparams`, and PUM settings under `pum:`.
+
+    The PUM settings are validated here (the environment overrides the file, DESIGN.md §8), so a
+    bad value is reported before anything is sent.
+    """
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a job file is a mapping with task, model_dir, pum and hyperparams")
+    unknown = sorted(set(data) - {"task", "model_dir", "pum", "hyperparams"})
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level keys {unknown}; allowed: task, model_dir, pum, hyperparams")
+    for key in ("task", "model_dir"):
+        if not isinstance(data.get(key), str):
+            raise ValueError(f"{path}: '{key}' is required (a string)")
+    settings = PumSettings.from_sources(path, environ)
+    return {
+        "task": data["task"], "model_dir": data["model_dir"],
+        "pum": settings.to_public_dict(), "hyperparams": data.get("hyperparams") or {},
+    }

@@ -1,0 +1,104 @@
+"""`pum worker` and `pum admin …`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ACTIONS = ("start", "pause", "resume", "abort", "advance", "finalize")
+
+
+def http_client(server: str, token: str | None, ca_file: str | None = None, timeout: float = 600.0):
+    """An httpx.Client for the server; verifies TLS against `ca_file` when given."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=server, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0),
+                        verify=ca_file if ca_file else True)
+
+
+def add_parsers(subparsers) -> None:
+    worker = subparsers.add_parser("worker", help="run a worker (data owner): lease, unlearn, upload")
+    worker.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8000")
+    worker.add_argument("--token", default=os.environ.get("PUM_WORKER_TOKEN"), help="worker token (or PUM_WORKER_TOKEN)")
+    worker.add_argument("--forget", required=True, help="forget set: JSON lines with question/answer")
+    worker.add_argument("--retain", help="retain set (needed by GradDiff, NPO)")
+    worker.add_argument("--saves-dir", default="saves/unlearn", help="per-copy logs go to SAVES/<task>/")
+    worker.add_argument("--device", help="cuda, cuda:1, cpu (default: the GPU if any)")
+    worker.add_argument("--threads", type=int, help="torch CPU threads")
+    worker.add_argument("--max-copies", type=int, help="stop after this many copies")
+    worker.add_argument("--ca-file", help="CA bundle to verify the server's TLS certificate")
+    worker.add_argument("--no-progress", action="store_true", help="no progress bars")
+    worker.set_defaults(run=run_worker)
+
+    admin = subparsers.add_parser("admin", help="admin commands against a running server")
+    admin.add_argument("--server", default=os.environ.get("PUM_SERVER_URL", "http://127.0.0.1:8000"))
+    admin.add_argument("--token", default=os.environ.get("PUM_ADMIN_TOKEN"), help="admin token (or PUM_ADMIN_TOKEN)")
+    admin.add_argument("--ca-file", help="CA bundle to verify the server's TLS certificate")
+    commands = admin.add_subparsers(dest="command", required=True)
+    commands.add_parser("jobs", help="list jobs")
+    create = commands.add_parser("create", help="create a job from a job YAML (task, model_dir, pum, hyperparams)")
+    create.add_argument("job_file")
+    for name in ("status", *ACTIONS):
+        commands.add_parser(name, help=f"{name} a job" if name != "status" else "show a job").add_argument("job_id")
+    token = commands.add_parser("token", help="issue a worker token for a job")
+    token.add_argument("job_id")
+    token.add_argument("--label", default="worker")
+    wait = commands.add_parser("wait", help="wait until a job is finalized, aborted or failed")
+    wait.add_argument("job_id")
+    wait.add_argument("--timeout", type=float, default=3600.0)
+    download = commands.add_parser("download", help="download a finalized job's model")
+    download.add_argument("job_id")
+    download.add_argument("dest")
+    admin.set_defaults(run=run_admin)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    import torch
+
+    from pum.common.qa import load_qa
+
+    from .api import WorkerAPI
+    from .worker import Worker, WorkerOptions
+
+    if not args.token:
+        raise SystemExit("pum worker: give --token or set PUM_WORKER_TOKEN")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    forget = load_qa(args.forget)
+    retain = load_qa(args.retain) if args.retain else None
+    options = WorkerOptions(
+        saves_dir=Path(args.saves_dir), device=args.device, progress=not args.no_progress, max_copies=args.max_copies
+    )
+    with http_client(args.server, args.token, args.ca_file) as http:
+        done = Worker(WorkerAPI(http), forget, retain, options).run()
+    print(json.dumps({"copies_uploaded": done}))
+    return 0
+
+
+def run_admin(args: argparse.Namespace) -> int:
+    from .admin import AdminAPI, load_job_file
+
+    with http_client(args.server, args.token, args.ca_file) as http:
+        api = AdminAPI(http)
+        if args.command == "jobs":
+            result = api.jobs()
+        elif args.command == "create":
+            spec = load_job_file(Path(args.job_file))
+            result = api.create_job(spec["task"], spec["model_dir"], spec["pum"], spec["hyperparams"])
+        elif args.command == "status":
+            result = api.status(args.job_id)
+        elif args.command in ACTIONS:
+            result = api.action(args.job_id, args.command)
+        elif args.command == "token":
+            result = {"token": api.issue_token(args.job_id, args.label)}
+        elif args.command == "wait":
+            result = api.wait(args.job_id, args.timeout)
+        else:
+            result = {"saved": str(api.download_model(args.job_id, Path(args.dest)))}
+    json.dump(result, sys.stdout, indent=2)
+    print()
+    return 0

@@ -1,0 +1,49 @@
+"""GradDiff: ascent on the forget set, descent on the retain set.
+
+L = γ·(−CE(B_f)) + α·L_ret, with L_ret = CE(B_r) (`retain_loss="nll"`) or
+KL(reference ‖ model) on B_r's answer tokens (`retain_loss="kl"`). Liu et al. 2022,
+"Continual Learning and Private Unlearning"; the TOFU "Grad. Diff." baseline (Maini et al. 2024).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Batch, UnlearningMethod, answer_ce, check_retain_loss, forward_logits, retain_loss
+from .registry import register
+
+
+def grad_diff_loss(forget_ce: torch.Tensor, retain_value: torch.Tensor, gamma: float, alpha: float) -> torch.Tensor:
+    """L = γ·(−CE(B_f)) + α·L_ret."""
+    return gamma * -forget_ce + alpha * retain_value
+
+
+@register
+class GradDiff(UnlearningMethod):
+    name = "GradDiff"
+    needs_reference = False  # only with retain_loss="kl"; see uses_reference
+    needs_retain = True
+
+    @dataclass(frozen=True)
+    class Params:
+        gamma: float = 1.0  # γ, weight of the forget (ascent) term
+        alpha: float = 1.0  # α, weight of the retain term; 0 drops it (and the need for a retain set)
+        retain_loss: str = "nll"  # retain term: "nll" = CE(B_r), "kl" = KL(reference ‖ model) on B_r
+
+        def __post_init__(self):
+            check_retain_loss(self.retain_loss)
+
+    def uses_reference(self, params: Params) -> bool:
+        return self.uses_retain(params) and params.retain_loss == "kl"
+
+    def uses_retain(self, params: Params) -> bool:
+        return params.alpha != 0
+
+    def loss(self, model, reference, forget_batch: Batch, retain_batch: Batch | None, params: Params) -> torch.Tensor:
+        forget_ce = answer_ce(forward_logits(model, forget_batch), forget_batch["labels"])
+        if not self.uses_retain(params):
+            return grad_diff_loss(forget_ce, torch.zeros_like(forget_ce), params.gamma, 0.0)
+        retain_value = retain_loss(model, reference, retain_batch, params.retain_loss)
+        return grad_diff_loss(forget_ce, retain_value, params.gamma, params.alpha)

@@ -1,0 +1,184 @@
+"""The worker loop: lease a copy, download it, unlearn locally, upload the delta, repeat.
+
+A worker holds the forget set (and optionally a retain set) and never sends it; it sends only
+Δ = (trained copy − received copy) in float32. A failure on one copy is reported to the server
+(the copy is offered again) and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from pum.common.codec import TensorInfo, save_file_atomic
+from pum.common.errors import PumError
+from pum.common.qa import QAPair
+from pum.common.schemas import TaskSpec
+
+from .api import WorkerAPI
+from .trainer import TrainConfig, run_unlearning
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    saves_dir: Path = Path("saves/unlearn")  # per-copy folders go under saves_dir/<task>/
+    device: str | None = None  # None: the GPU when there is one, else the CPU
+    progress: bool = True  # progress bars for download, training and upload
+    max_copies: int | None = None  # stop after this many copies (None: until the job ends)
+    poll_s: float = 1.0  # longest wait between lease requests when the server says 'wait'
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Worker:
+    def __init__(
+        self, api: WorkerAPI, forget: list[QAPair], retain: list[QAPair] | None,
+        options: WorkerOptions = WorkerOptions(), sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.api = api
+        self.forget = forget
+        self.retain = retain
+        self.options = options
+        self.device = options.device or default_device()
+        self.sleep = sleep
+        self.done = 0
+        self.failed = 0
+
+    def run(self) -> int:
+        """Work until the job ends (or max_copies); returns the number of copies uploaded."""
+        while self.options.max_copies is None or self.done < self.options.max_copies:
+            reply = self.api.lease()
+            if reply["status"] == "done":
+                log.info("job is %s: worker stops after %d copies", reply.get("job_state"), self.done)
+                break
+            if reply["status"] == "wait":
+                self.sleep(min(float(reply.get("retry_after_s", 1.0)), self.options.poll_s))
+                continue
+            try:
+                self.process(reply)
+                self.done += 1
+            except PumError as err:  # the server refused: the lease is gone, nothing to give back
+                self.failed += 1
+                log.warning("copy of %s refused by the server: %s", reply["lease_id"], err)
+            except Exception as err:
+                self.failed += 1
+                log.exception("copy of %s failed; giving it back", reply["lease_id"])
+                self._give_back(reply["lease_id"], f"{type(err).__name__}: {err}")
+        return self.done
+
+    def process(self, lease: dict) -> dict:
+        """One copy from lease to accepted upload; returns the copy's metrics."""
+        lease_id = lease["lease_id"]
+        task = TaskSpec.model_validate(lease["task"])
+        config = TrainConfig.from_task(task)
+        copy_dir = self._copy_dir(lease["task_name"], lease["round"])
+        with tempfile.TemporaryDirectory(prefix="pum-copy-") as tmp, _Heartbeat(self.api, lease_id, lease["ttl_s"]):
+            workdir = Path(tmp)
+            started = time.perf_counter()
+            for name in lease["public_files"]:
+                self.api.public_file(name, workdir / name)
+            with self._bar("download", unit="B") as bar:
+                self.api.download_copy(lease_id, workdir / "model.safetensors", bar.update)
+            downloaded = time.perf_counter()
+            model, tokenizer = _load(workdir, self.device)
+            received = load_file(workdir / "model.safetensors")
+            metrics_log = (copy_dir / "train_log.jsonl").open("w")
+            try:
+                train = run_unlearning(
+                    model, tokenizer, self.forget, self.retain, config,
+                    progress=self.options.progress, log=lambda row: metrics_log.write(json.dumps(row) + "\n"),
+                )
+            finally:
+                metrics_log.close()
+            trained = time.perf_counter()
+            delta_path = workdir / "delta.safetensors"
+            _write_delta(model, received, delta_path)
+            with self._bar("upload", unit="B") as bar:
+                result = self.api.upload_delta(lease_id, delta_path, bar.update)
+        metrics = {
+            "round": lease["round"], "task": lease["task_name"], "method": task.method, "train": train,
+            "seconds": {"download": downloaded - started, "train": trained - downloaded, "upload": time.perf_counter() - trained},
+            "server": result,
+        }
+        (copy_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        log.info("round %d copy done in %s: %s", lease["round"], copy_dir.name, metrics["seconds"])
+        return metrics
+
+    def _copy_dir(self, task: str, round_: int) -> Path:
+        """saves/unlearn/<task>/pum_round{r}_copy{k}: k counts this machine's copies of the round."""
+        base = self.options.saves_dir / task
+        base.mkdir(parents=True, exist_ok=True)
+        k = 0
+        while True:
+            path = base / f"pum_round{round_}_copy{k}"
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                k += 1
+
+    def _give_back(self, lease_id: str, reason: str) -> None:
+        try:
+            self.api.release(lease_id, reason)
+        except Exception as err:  # the lease will expire on its own
+            log.warning("could not give back %s: %s", lease_id, err)
+
+    def _bar(self, desc: str, unit: str) -> tqdm:
+        return tqdm(desc=desc, unit=unit, unit_scale=True, disable=not self.options.progress, leave=False)
+
+
+def _load(workdir: Path, device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(workdir)
+    model = AutoModelForCausalLM.from_pretrained(workdir, dtype=torch.float32 if device == "cpu" else "auto")
+    return model.to(device), tokenizer
+
+
+def _write_delta(model: torch.nn.Module, received: dict[str, torch.Tensor], path: Path) -> None:
+    """Δ = trained − received for every tensor of the copy, in float32 (upcast before subtracting)."""
+    state = model.state_dict()
+    missing = sorted(set(received) - set(state))
+    if missing:
+        raise ValueError(f"the trained model lacks tensors of the copy: {missing[:5]}")
+    infos = [TensorInfo(name, "F32", tuple(t.shape)) for name, t in received.items()]
+    deltas = (state[i.name].detach().to("cpu", torch.float32) - received[i.name].to(torch.float32) for i in infos)
+    save_file_atomic(path, infos, deltas)
+
+
+class _Heartbeat:
+    """Renews the lease every ttl/3 seconds while the copy is being worked on."""
+
+    def __init__(self, api: WorkerAPI, lease_id: str, ttl_s: float):
+        self.api, self.lease_id, self.period = api, lease_id, max(ttl_s / 3.0, 0.05)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"heartbeat-{lease_id[:12]}")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                self.api.heartbeat(self.lease_id)
+            except Exception as err:
+                log.warning("heartbeat for %s failed: %s", self.lease_id, err)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()

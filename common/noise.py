@@ -1,0 +1,124 @@
+"""Secret randomness and perturbation noise for published copies (DESIGN.md §3–§4).
+
+All secrets derive from one per-job key with HMAC-SHA256, so the server can regenerate any
+copy on retry or after a restart without storing α_k or seeds, and nothing is guessable
+without the key:
+
+    α_k            = α_min + (α_max − α_min)·U(HMAC(key, "alpha/r/k"))
+    z_k[t]         ~ N(0, 1) from seed HMAC(key, "z/r/k/t")          (base noise of copy k, tensor t)
+    ξ_k[t]         ~ N(0, 1) from seed HMAC(key, "xi/r/k/t")         (jitter)
+
+Zero-sum base noise: ε⁰_k = √(m/(m−1))·(z_k − z̄), z̄ the mean over the m copies, so
+Σ_k ε⁰_k = 0 and Var ε⁰_k = 1 per coordinate. The independent variant uses ε_k = z_k.
+Copy k's tensor is  center + α_k·σ_ℓ·ε_k + τ·ξ_k.  Everything is float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Iterable, Literal
+
+import torch
+
+NoiseStructure = Literal["zero_sum", "independent"]
+
+
+def new_job_key() -> bytes:
+    """32 bytes from the operating system's CSPRNG."""
+    return secrets.token_bytes(32)
+
+
+def job_key_from_seed(seed: int) -> bytes:
+    """A reproducible key for tests and demos; it is only as secret as the seed."""
+    return hashlib.sha256(f"pum-test-key/{seed}".encode()).digest()
+
+
+def _mac(key: bytes, label: str) -> bytes:
+    return hmac.new(key, label.encode(), hashlib.sha256).digest()
+
+
+def derive_seed(key: bytes, purpose: str, round_: int, copy: int, tensor: str) -> int:
+    """A 63-bit seed for torch.Generator, unique per (purpose, round, copy, tensor)."""
+    return int.from_bytes(_mac(key, f"{purpose}/{round_}/{copy}/{tensor}")[:8], "little") >> 1
+
+
+def draw_alphas(key: bytes, round_: int, m: int, alpha_min: float, alpha_max: float) -> list[float]:
+    """α_1..α_m ~ U[α_min, α_max], derived from the job key (53-bit uniforms)."""
+    alphas = []
+    for k in range(m):
+        u = (int.from_bytes(_mac(key, f"alpha/{round_}/{k}")[:8], "little") >> 11) / float(1 << 53)
+        alphas.append(alpha_min + (alpha_max - alpha_min) * u)
+    return alphas
+
+
+def standard_normal(shape: Iterable[int], seed: int) -> torch.Tensor:
+    """float32 N(0, 1) of `shape`, a pure function of `seed` (CPU generator, so any machine agrees)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+
+
+def base_noise(key: bytes, round_: int, copy: int, tensor: str, shape) -> torch.Tensor:
+    """z_k for one tensor."""
+    return standard_normal(shape, derive_seed(key, "z", round_, copy, tensor))
+
+
+def jitter_noise(key: bytes, round_: int, copy: int, tensor: str, shape) -> torch.Tensor:
+    """ξ_k for one tensor, before scaling by τ."""
+    return standard_normal(shape, derive_seed(key, "xi", round_, copy, tensor))
+
+
+def mean_base_noise(key: bytes, round_: int, m: int, tensor: str, shape) -> torch.Tensor:
+    """z̄ = (1/m)·Σ_k z_k for one tensor, accumulated one copy at a time (O(tensor) memory)."""
+    total = torch.zeros(tuple(shape), dtype=torch.float32)
+    for k in range(m):
+        total.add_(base_noise(key, round_, k, tensor, shape))
+    return total.div_(m)
+
+
+def zero_sum_component(z_k: torch.Tensor, z_mean: torch.Tensor, m: int) -> torch.Tensor:
+    """ε⁰_k = √(m/(m−1))·(z_k − z̄): Σ_k ε⁰_k = 0 and each ε⁰_k keeps unit variance."""
+    if m < 2:
+        raise ValueError(f"copies_m must be ≥ 2 (got {m}): zero-sum noise needs at least two copies")
+    return (z_k - z_mean).mul_(math.sqrt(m / (m - 1)))
+
+
+@dataclass(frozen=True)
+class CopyNoise:
+    """The secret parameters of one copy's perturbation. Never leaves the server."""
+
+    key: bytes
+    round_: int
+    copy: int
+    m: int
+    alpha: float
+    tau: float
+    structure: NoiseStructure
+
+    def perturb(self, tensor: str, center: torch.Tensor, sigma: float, z_mean: torch.Tensor | None) -> torch.Tensor:
+        """center + α_k·σ·ε_k + τ·ξ_k for one tensor (float32). `z_mean` is z̄ (zero-sum only)."""
+        out = center.to(torch.float32).clone()
+        if sigma > 0:
+            z = base_noise(self.key, self.round_, self.copy, tensor, out.shape)
+            if self.structure == "zero_sum":
+                if z_mean is None:
+                    raise ValueError("zero-sum noise needs z̄ of the tensor (mean_base_noise)")
+                z = zero_sum_component(z, z_mean, self.m)
+            out.add_(z, alpha=self.alpha * sigma)
+        if self.tau > 0:
+            out.add_(jitter_noise(self.key, self.round_, self.copy, tensor, out.shape), alpha=self.tau)
+        return out
+
+
+def relative_sigmas(sum_squares: dict[str, float], counts: dict[str, int], kappa: float, per_layer: bool) -> dict[str, float]:
+    """σ_ℓ = κ·RMS_ℓ from per-group sums of squares (of θ, or of θ − θ_base).
+
+    With `per_layer` False every group gets κ·RMS over the whole model.
+    """
+    if per_layer:
+        return {g: kappa * math.sqrt(sum_squares[g] / max(counts[g], 1)) for g in sum_squares}
+    total = math.sqrt(sum(sum_squares.values()) / max(sum(counts.values()), 1))
+    return {g: kappa * total for g in sum_squares}

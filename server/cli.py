@@ -1,0 +1,50 @@
+"""`pum server`: run the FastAPI app under uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from pum.common.errors import InvalidInput
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("server", help="run the PUM server (model owner)")
+    parser.add_argument("--state-dir", help="state folder (PUM_SERVER_STATE_DIR; default ./state)")
+    parser.add_argument("--saves-dir", help="where merged models go (default ./saves/unlearn)")
+    parser.add_argument("--host", help="interface to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
+    parser.add_argument("--dev", action="store_true", help="development mode: no admin token needed")
+    parser.add_argument("--lease-ttl", type=float, help="lease TTL in seconds (default 120)")
+    parser.add_argument("--tls-cert", help="certificate file: serve HTTPS")
+    parser.add_argument("--tls-key", help="private key file for --tls-cert")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from .app import create_app
+    from .config import ServerSettings
+
+    flags = {
+        "state_dir": args.state_dir, "saves_dir": args.saves_dir, "host": args.host, "port": args.port,
+        "lease_ttl_s": args.lease_ttl, "tls_certfile": args.tls_cert, "tls_keyfile": args.tls_key,
+    }
+    if args.dev:
+        flags["dev_mode"] = True
+    try:
+        settings = ServerSettings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as err:
+        raise InvalidInput(f"server settings: {err.errors()[0]['msg']}") from None
+    import torch
+
+    torch.set_num_threads(settings.torch_threads)
+    logging.getLogger("pum").info("state in %s; dev mode %s", settings.state_dir.resolve(), settings.dev_mode)
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level="info",
+        ssl_certfile=str(settings.tls_certfile) if settings.tls_certfile else None,
+        ssl_keyfile=str(settings.tls_keyfile) if settings.tls_keyfile else None,
+    )
+    return 0

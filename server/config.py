@@ -1,0 +1,40 @@
+"""Settings of the server process (environment variables PUM_SERVER_*, validated at start-up)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PUM_SERVER_", extra="forbid", frozen=True)
+
+    # Where jobs, rounds, secrets and the SQLite database live; a restart on the same folder continues.
+    state_dir: Path = Path("state")
+    # Merged models are saved under saves_dir/<task>/ in Hugging Face format.
+    saves_dir: Path = Path("saves/unlearn")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    # Bearer token of the admin role; required unless dev_mode.
+    admin_token: SecretStr | None = Field(None, validation_alias=AliasChoices("admin_token", "PUM_ADMIN_TOKEN"))
+    # Development mode: no admin token needed (never on a reachable interface).
+    dev_mode: bool = False
+    # A lease not renewed by a heartbeat within this many seconds puts its copy back in the pool.
+    lease_ttl_s: float = Field(120.0, gt=0)
+    # Largest safetensors header accepted from a worker.
+    max_header_bytes: int = Field(16 * 2**20, ge=1024)
+    # Threads torch may use for noise generation and merging.
+    torch_threads: int = Field(1, ge=1)
+    # TLS: serve HTTPS when both are given.
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+
+    @model_validator(mode="after")
+    def _admin_token_or_dev_mode(self):
+        if self.admin_token is None and not self.dev_mode:
+            raise ValueError("set PUM_ADMIN_TOKEN (admin_token), or start in development mode (dev_mode) explicitly")
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("TLS needs both tls_certfile and tls_keyfile")
+        return self

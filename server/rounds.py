@@ -1,0 +1,169 @@
+"""One round on disk: noise scales, z̄, published copies, merging uploads, the step.
+
+Files of a job (under state_dir/jobs/<id>/):
+    secret.key                      job key (0600): α_k, seeds and z̄ derive from it
+    theta_r{r}.safetensors          θ at the start of round r (float32)
+    rounds/r{r}/zbar.safetensors    z̄ of the round's zero-sum noise (0600, secret)
+    rounds/r{r}/s1_{n}.safetensors  S1 after n accepted copies
+    spool/<lease>.safetensors       an upload being received
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from pum.common.aggregate import accumulate_delta, apply_update, harmonic_weight
+from pum.common.codec import DTYPES, SafetensorsFile, TensorInfo, save_file_atomic, stream_safetensors
+from pum.common.layers import group_names, layer_group
+from pum.common.noise import CopyNoise, draw_alphas, mean_base_noise, relative_sigmas
+from pum.common.settings import PumSettings
+
+
+@dataclass(frozen=True)
+class JobFiles:
+    root: Path
+
+    @property
+    def key(self) -> Path:
+        return self.root / "secret.key"
+
+    @property
+    def public(self) -> Path:
+        return self.root / "public"
+
+    def theta(self, round_: int) -> Path:
+        return self.root / f"theta_r{round_}.safetensors"
+
+    def round_dir(self, round_: int) -> Path:
+        return self.root / "rounds" / f"r{round_}"
+
+    def zbar(self, round_: int) -> Path:
+        return self.round_dir(round_) / "zbar.safetensors"
+
+    def s1(self, round_: int, accepted: int) -> Path:
+        return self.round_dir(round_) / f"s1_{accepted}.safetensors"
+
+    def spool(self, lease_id: str) -> Path:
+        return self.root / "spool" / f"{lease_id}.safetensors"
+
+
+def write_secret(path: Path, data: bytes) -> None:
+    """Create a file only the server's user can read."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def noise_scales(theta: SafetensorsFile, settings: PumSettings) -> dict[str, float]:
+    """σ_ℓ per layer group, for the manual and relative modes (DESIGN.md §3.2)."""
+    groups = group_names(theta.names)
+    mode = settings.noise_mode
+    if mode == "manual":
+        return {g: settings.sigma for g in groups}
+    if mode == "manual_per_layer":
+        return manual_per_layer_sigmas(settings.sigma_per_layer, groups)
+    if mode == "relative":
+        sums, counts = dict.fromkeys(groups, 0.0), dict.fromkeys(groups, 0)
+        for info in theta.infos:  # TODO(base model): RMS of θ − θ_base once a base is supported
+            group = layer_group(info.name)
+            sums[group] += theta.read(info.name).double().pow(2).sum().item()
+            counts[group] += info.numel
+        return relative_sigmas(sums, counts, settings.noise_kappa, settings.per_layer_noise)
+    raise ValueError(f"noise mode {mode!r} is not supported by this server yet")
+
+
+def manual_per_layer_sigmas(values, groups: list[str]) -> dict[str, float]:
+    """`sigma_per_layer` as a list (one per decoder layer; the global group takes their mean) or a dict."""
+    layers = [g for g in groups if g != "global"]
+    if isinstance(values, dict):
+        missing = sorted(set(groups) - set(values))
+        if missing:
+            raise ValueError(f"sigma_per_layer has no value for {missing}: give one per group ({groups})")
+        return {g: float(values[g]) for g in groups}
+    if len(values) != len(layers):
+        raise ValueError(f"sigma_per_layer has {len(values)} values; the model has {len(layers)} layers")
+    sigmas = dict(zip(layers, map(float, values)))
+    if "global" in groups:
+        sigmas["global"] = sum(values) / len(values)
+    return sigmas
+
+
+def write_zbar(theta: SafetensorsFile, key: bytes, round_: int, m: int, path: Path) -> None:
+    """z̄ per tensor for the round, so publishing a copy regenerates only its own z_k."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = (mean_base_noise(key, round_, m, i.name, i.shape) for i in theta.infos)
+    save_file_atomic(path, [TensorInfo(i.name, "F32", i.shape) for i in theta.infos], tensors)
+    path.chmod(0o600)
+
+
+def copy_noise(key: bytes, settings: PumSettings, round_: int, k: int) -> CopyNoise:
+    alphas = draw_alphas(key, round_, settings.copies_m, settings.alpha_min, settings.alpha_max)
+    return CopyNoise(key, round_, k, settings.copies_m, alphas[k], settings.jitter_tau, settings.noise_structure)
+
+
+def published_layout(theta_path: Path, dtypes: dict[str, str]) -> list[TensorInfo]:
+    """Names, shapes and dtypes of a published copy: the model's own dtypes.
+
+    A bf16 model is published in bf16: noise is drawn and added in float32, then rounded once.
+    """
+    with SafetensorsFile(theta_path) as theta:
+        return [TensorInfo(i.name, dtypes.get(i.name, "F32"), i.shape) for i in theta.infos]
+
+
+def copy_chunks(
+    files: JobFiles, key: bytes, settings: PumSettings, round_: int, k: int,
+    sigmas: dict[str, float], layout: list[TensorInfo],
+) -> Iterator[bytes]:
+    """The safetensors bytes of copy k, generated tensor by tensor from the seeds."""
+    noise = copy_noise(key, settings, round_, k)
+    zero_sum = settings.noise_structure == "zero_sum"
+
+    def tensors() -> Iterator[torch.Tensor]:
+        with SafetensorsFile(files.theta(round_)) as theta:
+            zbar = SafetensorsFile(files.zbar(round_)) if zero_sum else None
+            try:
+                for info in layout:
+                    z_mean = zbar.read(info.name) if zbar else None
+                    sigma = sigmas[layer_group(info.name)]
+                    yield noise.perturb(info.name, theta.read(info.name), sigma, z_mean).to(DTYPES[info.dtype])
+            finally:
+                if zbar:
+                    zbar.close()
+
+    return stream_safetensors(layout, tensors())
+
+
+def merge_spooled(
+    files: JobFiles, key: bytes, settings: PumSettings, round_: int, k: int,
+    spool: Path, s0: float, accepted: int,
+) -> tuple[float, Path]:
+    """Fold one spooled delta into S1; returns the new S0 and the new S1 file (not yet committed)."""
+    alpha = copy_noise(key, settings, round_, k).alpha
+    weight = harmonic_weight(alpha)
+    previous = files.s1(round_, accepted) if accepted else None
+    out = files.s1(round_, accepted + 1)
+    with SafetensorsFile(spool) as delta:
+        s1_previous = SafetensorsFile(previous) if previous else None
+        try:
+            accumulate_delta(
+                delta, s1_previous, out, weight,
+                clip_per_layer=settings.clip_update_norm_per_layer, clip_total=settings.clip_update_norm,
+            )
+        finally:
+            if s1_previous:
+                s1_previous.close()
+    return s0 + weight, out
+
+
+def step(files: JobFiles, settings: PumSettings, round_: int, s0: float, s1_path: Path) -> Path:
+    """θ_{r+1} = θ_r + η·S1/S0, written as the next round's θ file."""
+    out = files.theta(round_ + 1)
+    with SafetensorsFile(files.theta(round_)) as theta, SafetensorsFile(s1_path) as s1:
+        apply_update(theta, s1, s0, settings.eta_srv, out)
+    return out

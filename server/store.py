@@ -1,0 +1,293 @@
+"""Durable server state in SQLite: jobs, worker tokens, rounds, copies and leases.
+
+Every public method is one transaction. The copy table is the source of truth for exactly-once
+merging: a copy moves pending → leased → accepted, and `accept_copy` commits the new S0 and the
+new S1 file name together with the copy's state, so a crash leaves either the old or the new
+round state, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, task TEXT NOT NULL, state TEXT NOT NULL, round INTEGER NOT NULL,
+    spec TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    error TEXT, output_dir TEXT
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    hash TEXT PRIMARY KEY, job_id TEXT NOT NULL, label TEXT NOT NULL, created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    job_id TEXT NOT NULL, round INTEGER NOT NULL, state TEXT NOT NULL,
+    s0 REAL NOT NULL, accepted INTEGER NOT NULL, s1_file TEXT, sigmas TEXT NOT NULL,
+    started_at REAL NOT NULL, finished_at REAL, PRIMARY KEY (job_id, round)
+);
+CREATE TABLE IF NOT EXISTS copies (
+    job_id TEXT NOT NULL, round INTEGER NOT NULL, k INTEGER NOT NULL, state TEXT NOT NULL,
+    lease_id TEXT, leases INTEGER NOT NULL DEFAULT 0, failures INTEGER NOT NULL DEFAULT 0,
+    leased_at REAL, accepted_at REAL, PRIMARY KEY (job_id, round, k)
+);
+CREATE TABLE IF NOT EXISTS leases (
+    id TEXT PRIMARY KEY, job_id TEXT NOT NULL, round INTEGER NOT NULL, k INTEGER NOT NULL,
+    token_hash TEXT NOT NULL, state TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    task: str
+    state: str
+    round: int
+    spec: dict[str, Any]
+    created_at: float
+    updated_at: float
+    error: str | None
+    output_dir: str | None
+
+
+@dataclass(frozen=True)
+class Round:
+    job_id: str
+    round: int
+    state: str
+    s0: float
+    accepted: int
+    s1_file: str | None
+    sigmas: dict[str, float]
+    started_at: float
+    finished_at: float | None
+
+
+@dataclass(frozen=True)
+class Lease:
+    id: str
+    job_id: str
+    round: int
+    k: int
+    token_hash: str
+    state: str
+    created_at: float
+    expires_at: float
+
+
+class Store:
+    """SQLite store; thread-safe through one lock around one connection."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        path.chmod(0o600)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE … COMMIT, rolled back on any exception."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # jobs
+    def insert_job(self, job_id: str, task: str, spec: dict) -> None:
+        now = time.time()
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO jobs VALUES (?, ?, 'created', 0, ?, ?, ?, NULL, NULL)",
+                (job_id, task, json.dumps(spec), now, now),
+            )
+
+    def job(self, job_id: str) -> Job | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def jobs(self) -> list[Job]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY created_at").fetchall()
+        return [_job(r) for r in rows]
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        fields["updated_at"] = time.time()
+        columns = ", ".join(f"{name} = ?" for name in fields)
+        with self.transaction() as db:
+            db.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*fields.values(), job_id))
+
+    # tokens
+    def insert_token(self, token_hash: str, job_id: str, label: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?)", (token_hash, job_id, label, time.time()))
+
+    def token_job(self, token_hash: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT job_id FROM tokens WHERE hash = ?", (token_hash,)).fetchone()
+        return row["job_id"] if row else None
+
+    def token_labels(self, job_id: str) -> dict[str, str]:
+        with self._lock:
+            rows = self._db.execute("SELECT hash, label FROM tokens WHERE job_id = ?", (job_id,)).fetchall()
+        return {r["hash"]: r["label"] for r in rows}
+
+    # rounds and copies
+    def open_round(self, job_id: str, round_: int, m: int, sigmas: dict[str, float]) -> None:
+        """Insert round `round_` with m pending copies and make it the job's current round."""
+        now = time.time()
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO rounds VALUES (?, ?, 'open', 0.0, 0, NULL, ?, ?, NULL)",
+                (job_id, round_, json.dumps(sigmas), now),
+            )
+            db.executemany(
+                "INSERT INTO copies (job_id, round, k, state) VALUES (?, ?, ?, 'pending')",
+                [(job_id, round_, k) for k in range(m)],
+            )
+            db.execute("UPDATE jobs SET round = ?, updated_at = ? WHERE id = ?", (round_, now, job_id))
+
+    def round(self, job_id: str, round_: int) -> Round | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM rounds WHERE job_id = ? AND round = ?", (job_id, round_)
+            ).fetchone()
+        return _round(row) if row else None
+
+    def rounds(self, job_id: str) -> list[Round]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM rounds WHERE job_id = ? ORDER BY round", (job_id,)).fetchall()
+        return [_round(r) for r in rows]
+
+    def finish_round(self, job_id: str, round_: int) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE rounds SET state = 'merged', finished_at = ? WHERE job_id = ? AND round = ?",
+                (time.time(), job_id, round_),
+            )
+
+    def copies(self, job_id: str, round_: int) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM copies WHERE job_id = ? AND round = ? ORDER BY k", (job_id, round_)
+            ).fetchall()
+        return [dict(r) for r in rows]
+
+    # leases
+    def expire_leases(self, now: float) -> list[Lease]:
+        """Mark active leases past their expiry as expired and put their copies back; returns them."""
+        with self.transaction() as db:
+            rows = db.execute("SELECT * FROM leases WHERE state = 'active' AND expires_at < ?", (now,)).fetchall()
+            for row in rows:
+                db.execute("UPDATE leases SET state = 'expired' WHERE id = ?", (row["id"],))
+                db.execute(
+                    "UPDATE copies SET state = 'pending', lease_id = NULL "
+                    "WHERE job_id = ? AND round = ? AND k = ? AND lease_id = ?",
+                    (row["job_id"], row["round"], row["k"], row["id"]),
+                )
+        return [_lease(r) for r in rows]
+
+    def grant_lease(
+        self, lease_id: str, job_id: str, round_: int, token_hash: str, now: float, ttl: float, cap: int | None
+    ) -> Lease | None:
+        """Lease the lowest pending copy of the round to `token_hash`, or None if none is free.
+
+        `cap` limits how many distinct copies of one round a token may ever receive.
+        """
+        with self.transaction() as db:
+            if cap is not None:
+                held = db.execute(
+                    "SELECT COUNT(DISTINCT k) FROM leases WHERE job_id = ? AND round = ? AND token_hash = ?",
+                    (job_id, round_, token_hash),
+                ).fetchone()[0]
+                if held >= cap:
+                    return None
+            row = db.execute(
+                "SELECT k FROM copies WHERE job_id = ? AND round = ? AND state = 'pending' ORDER BY k LIMIT 1",
+                (job_id, round_),
+            ).fetchone()
+            if row is None:
+                return None
+            k = row["k"]
+            db.execute(
+                "UPDATE copies SET state = 'leased', lease_id = ?, leases = leases + 1, leased_at = ? "
+                "WHERE job_id = ? AND round = ? AND k = ?",
+                (lease_id, now, job_id, round_, k),
+            )
+            db.execute(
+                "INSERT INTO leases VALUES (?, ?, ?, ?, ?, 'active', ?, ?)",
+                (lease_id, job_id, round_, k, token_hash, now, now + ttl),
+            )
+        return Lease(lease_id, job_id, round_, k, token_hash, "active", now, now + ttl)
+
+    def lease(self, lease_id: str) -> Lease | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
+        return _lease(row) if row else None
+
+    def extend_lease(self, lease_id: str, expires_at: float) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE leases SET expires_at = ? WHERE id = ? AND state = 'active'", (expires_at, lease_id))
+
+    def release_lease(self, lease_id: str, failed: bool) -> None:
+        """End an active lease early and put its copy back (a worker gave up or reported failure)."""
+        with self.transaction() as db:
+            row = db.execute("SELECT * FROM leases WHERE id = ? AND state = 'active'", (lease_id,)).fetchone()
+            if row is None:
+                return
+            db.execute("UPDATE leases SET state = ? WHERE id = ?", ("failed" if failed else "released", lease_id))
+            db.execute(
+                "UPDATE copies SET state = 'pending', lease_id = NULL, failures = failures + ? "
+                "WHERE job_id = ? AND round = ? AND k = ? AND lease_id = ?",
+                (int(failed), row["job_id"], row["round"], row["k"], lease_id),
+            )
+
+    def end_active_leases(self, job_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE leases SET state = 'cancelled' WHERE job_id = ? AND state = 'active'", (job_id,))
+
+    def accept_copy(self, lease: Lease, s0: float, s1_file: str, now: float) -> None:
+        """Commit one merged copy: the copy, its lease, S0 and the S1 file change together."""
+        with self.transaction() as db:
+            changed = db.execute(
+                "UPDATE copies SET state = 'accepted', accepted_at = ? "
+                "WHERE job_id = ? AND round = ? AND k = ? AND lease_id = ? AND state = 'leased'",
+                (now, lease.job_id, lease.round, lease.k, lease.id),
+            ).rowcount
+            if changed != 1:
+                raise RuntimeError("copy is no longer held by this lease")  # caller checked under its lock
+            db.execute("UPDATE leases SET state = 'done' WHERE id = ?", (lease.id,))
+            db.execute(
+                "UPDATE rounds SET s0 = ?, s1_file = ?, accepted = accepted + 1 WHERE job_id = ? AND round = ?",
+                (s0, s1_file, lease.job_id, lease.round),
+            )
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(**{**dict(row), "spec": json.loads(row["spec"])})
+
+
+def _round(row: sqlite3.Row) -> Round:
+    return Round(**{**dict(row), "sigmas": json.loads(row["sigmas"])})
+
+
+def _lease(row: sqlite3.Row) -> Lease:
+    return Lease(**dict(row))

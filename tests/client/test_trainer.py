@@ -1,0 +1,175 @@
+"""The local unlearning loop: config from a TaskSpec, step planning, schedule, training behaviour."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from pum.client.trainer import TrainConfig, lr_factor, planned_steps, run_unlearning
+from pum.common.qa import collate, sequence_nll
+from pum.common.schemas import TaskSpec
+
+torch.set_num_threads(1)
+
+
+@torch.no_grad()
+def mean_answer_nll(model, tokenizer, pairs) -> float:
+    batch = collate(tokenizer, pairs)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return sequence_nll(logits, batch["labels"])[0].mean().item()
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+
+def test_from_task_splits_loop_keys_from_method_params():
+    task = TaskSpec(
+        method="npo",
+        epochs=10,
+        max_steps=None,
+        rounds=2,
+        hyperparams={"lr": 1, "batch_size": 8, "schedule": "linear", "warmup_steps": 3, "seed": 7, "beta": 0.2},
+    )
+    config = TrainConfig.from_task(task)
+    assert (config.method, config.epochs, config.max_steps, config.rounds) == ("NPO", 10, None, 2)
+    assert (config.lr, config.batch_size, config.schedule, config.warmup_steps, config.seed) == (1.0, 8, "linear", 3, 7)
+    assert dict(config.params) == {"beta": 0.2}
+    assert (config.optimizer, config.weight_decay, config.max_length) == ("adamw", 0.01, 512)
+
+
+def test_from_task_refuses_unknown_keys_listing_the_allowed_ones():
+    task = TaskSpec(method="GradDiff", epochs=5, rounds=1, hyperparams={"lr": 1e-5, "beta": 0.1})
+    with pytest.raises(ValueError) as err:
+        TrainConfig.from_task(task)
+    message = str(err.value)
+    assert "'beta'" in message and "GradDiff" in message
+    assert all(key in message for key in ("gamma", "alpha", "retain_loss", "lr", "batch_size", "seed"))
+
+
+def test_from_task_refuses_an_unknown_method():
+    with pytest.raises(ValueError, match="known methods: .*GradAscent"):
+        TrainConfig.from_task(TaskSpec(method="Forgetful", epochs=1, rounds=1))
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [({"params": {"betta": 1}}, "betta"), ({"optimizer": "adam"}, "optimizer"), ({"schedule": "cosine"}, "schedule"),
+     ({"batch_size": 0}, "batch_size"), ({"max_steps": 0}, "max_steps"), ({"lr": 0.0}, "lr")],
+)
+def test_config_refuses_bad_values(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        TrainConfig(method="NPO", **kwargs)
+
+
+def test_config_params_cannot_be_changed_behind_its_back():
+    params = {"beta": 0.2}
+    config = TrainConfig(method="NPO", params=params)
+    params["beta"] = 5.0
+    assert config.params["beta"] == 0.2
+    with pytest.raises(TypeError):
+        config.params["beta"] = 1.0
+
+
+@pytest.mark.parametrize(
+    "n_forget, batch_size, epochs, rounds, max_steps, expected",
+    [
+        (400, 32, 5, 1, None, 65),  # 13 batches per epoch × 5 epochs
+        (400, 32, 5, 2, None, 33),  # ceil(65 / 2)
+        (400, 32, 5, 5, None, 13),  # one epoch per copy
+        (400, 32, 10, 4, None, 33),  # ceil(130 / 4)
+        (40, 32, 10, 20, None, 1),  # 2 batches × 10 epochs over 20 rounds
+        (100, 10, 0.3, 1, None, 3),  # exact rationals: 0.3 × 10, not 3.0000000000000004 → 4
+        (400, 32, 5, 2, 7, 7),  # max_steps wins
+    ],
+)
+def test_planned_steps_auto_balances_over_rounds(n_forget, batch_size, epochs, rounds, max_steps, expected):
+    config = TrainConfig(method="GradAscent", batch_size=batch_size, epochs=epochs, rounds=rounds, max_steps=max_steps)
+    assert planned_steps(config, n_forget) == expected
+
+
+def test_planned_steps_total_work_matches_the_baseline():
+    for rounds in (1, 2, 3, 4, 5):
+        config = TrainConfig(method="GradAscent", batch_size=32, epochs=10, rounds=rounds)
+        steps = planned_steps(config, 400)
+        assert steps * rounds >= 130 and (steps - 1) * rounds < 130
+
+
+def test_lr_factor_warmup_then_constant_or_linear():
+    assert [lr_factor(s, 6, 0, "constant") for s in range(6)] == [1.0] * 6
+    assert [lr_factor(s, 6, 3, "constant") for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [lr_factor(s, 6, 2, "linear") for s in range(6)] == [1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25]
+    assert [lr_factor(s, 4, 0, "linear") for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+
+
+# --- running ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method, params",
+    [("GradAscent", {}), ("GradDiff", {}), ("GradDiff", {"retain_loss": "kl"}), ("NPO", {}), ("NPO", {"alpha": 0})],
+)
+def test_one_sgd_step_raises_the_forget_answer_nll(make_model, tokenizer, forget_pairs, retain_pairs, method, params):
+    model = make_model(0)
+    before = mean_answer_nll(model, tokenizer, forget_pairs)
+    config = TrainConfig(
+        method=method, params=params, optimizer="sgd", lr=1e-2, weight_decay=0.0, batch_size=len(forget_pairs), max_steps=1
+    )
+    metrics = run_unlearning(model, tokenizer, forget_pairs, retain_pairs, config)
+    assert metrics["steps"] == 1
+    assert mean_answer_nll(model, tokenizer, forget_pairs) > before  # the forget answers became less likely
+
+
+def test_run_returns_metrics_and_logs_every_step(model, tokenizer, forget_pairs, retain_pairs):
+    records = []
+    config = TrainConfig(method="NPO", lr=1e-3, batch_size=4, epochs=3, schedule="linear", warmup_steps=1)
+    metrics = run_unlearning(model, tokenizer, forget_pairs, retain_pairs, config, log=records.append, progress=True)
+    assert metrics["steps"] == planned_steps(config, len(forget_pairs)) == 6
+    assert set(metrics) == {"steps", "seconds", "first_loss", "last_loss", "method"} and metrics["method"] == "NPO"
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert metrics["first_loss"] == records[0]["loss"] and metrics["last_loss"] == records[-1]["loss"]
+    assert all(math.isfinite(r["loss"]) for r in records) and metrics["seconds"] >= 0
+    assert [r["lr"] for r in records] == pytest.approx([5e-4, 1e-3, 8e-4, 6e-4, 4e-4, 2e-4])
+    assert model.training  # its mode is restored
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_first_npo_loss_is_the_forget_term_at_the_reference_plus_retain(model, tokenizer, forget_pairs, retain_pairs):
+    config = TrainConfig(method="NPO", params={"alpha": 0}, batch_size=len(forget_pairs), max_steps=1)
+    metrics = run_unlearning(model, tokenizer, forget_pairs, None, config)
+    assert metrics["first_loss"] == pytest.approx(20 * math.log(2), rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["GradDiff", "NPO"])
+def test_a_method_that_needs_retain_data_refuses_none(model, tokenizer, forget_pairs, method):
+    with pytest.raises(ValueError, match=method):
+        run_unlearning(model, tokenizer, forget_pairs, None, TrainConfig(method=method, max_steps=1))
+    with pytest.raises(ValueError, match=method):
+        run_unlearning(model, tokenizer, forget_pairs, [], TrainConfig(method=method, max_steps=1))
+
+
+def test_empty_forget_set_is_refused(model, tokenizer, retain_pairs):
+    with pytest.raises(ValueError, match="forget set is empty"):
+        run_unlearning(model, tokenizer, [], retain_pairs, TrainConfig(method="GradAscent"))
+
+
+def test_same_inputs_and_seed_give_bit_identical_weights(make_model, tokenizer, forget_pairs, retain_pairs):
+    config = TrainConfig(method="NPO", lr=1e-3, batch_size=4, max_steps=4, seed=3)  # AdamW; 6 pairs, so order matters
+    first, second, other_seed = make_model(0), make_model(0), make_model(0)
+    run_unlearning(first, tokenizer, forget_pairs, retain_pairs, config)
+    run_unlearning(second, tokenizer, forget_pairs, retain_pairs, config)
+    a, b = first.state_dict(), second.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    run_unlearning(other_seed, tokenizer, forget_pairs, retain_pairs, dataclasses.replace(config, seed=4))
+    c = other_seed.state_dict()
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_training_leaves_the_global_rng_alone(model, tokenizer, forget_pairs):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    run_unlearning(model, tokenizer, forget_pairs, None, TrainConfig(method="GradAscent", max_steps=2, batch_size=4))
+    assert torch.equal(torch.rand(3), expected)
