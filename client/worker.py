@@ -38,6 +38,7 @@ class WorkerOptions:
     progress: bool = True  # progress bars for download, training and upload
     max_copies: int | None = None  # stop after this many copies (None: until the job ends)
     poll_s: float = 1.0  # longest wait between lease requests when the server says 'wait'
+    max_consecutive_failures: int = 3  # a worker that fails this often in a row stops (it is broken, not unlucky)
 
 
 def default_device() -> str:
@@ -57,6 +58,7 @@ class Worker:
         self.sleep = sleep
         self.done = 0
         self.failed = 0
+        self._failed_in_a_row = 0
 
     def run(self) -> int:
         """Work until the job ends (or max_copies); returns the number of copies uploaded."""
@@ -71,13 +73,16 @@ class Worker:
             try:
                 self.process(reply)
                 self.done += 1
+                self._failed_in_a_row = 0
             except PumError as err:  # the server refused: the lease is gone, nothing to give back
-                self.failed += 1
+                self._count_failure()
                 log.warning("copy of %s refused by the server: %s", reply["lease_id"], err)
             except Exception as err:
-                self.failed += 1
+                self._count_failure()
                 log.exception("copy of %s failed; giving it back", reply["lease_id"])
                 self._give_back(reply["lease_id"], f"{type(err).__name__}: {err}")
+            if self._failed_in_a_row >= self.options.max_consecutive_failures:
+                raise RuntimeError(f"worker stops: {self._failed_in_a_row} copies failed in a row (see the log above)")
         return self.done
 
     def process(self, lease: dict) -> dict:
@@ -130,6 +135,10 @@ class Worker:
                 return path
             except FileExistsError:
                 k += 1
+
+    def _count_failure(self) -> None:
+        self.failed += 1
+        self._failed_in_a_row += 1
 
     def _give_back(self, lease_id: str, reason: str) -> None:
         try:

@@ -26,8 +26,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
-# The project: pyproject.toml and every package folder it maps (pip install . needs them all).
-COPY pyproject.toml /tmp/pum-src/
+# The project: pyproject.toml, its readme, and every package folder it maps (pip install . needs them).
+COPY pyproject.toml README.md /tmp/pum-src/
 COPY cli /tmp/pum-src/cli
 COPY common /tmp/pum-src/common
 COPY server /tmp/pum-src/server

@@ -40,6 +40,7 @@ json_field() {
     python -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"
 }
 
+mkdir -p "$tokens_dir"
 job_id=""
 state=""
 if [ -s "$tokens_dir/job-id" ]; then

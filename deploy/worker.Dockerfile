@@ -25,7 +25,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # The project, without touching the base image's CUDA build of torch: the constraint pins torch
 # to the version already installed, so the resolver can neither upgrade it nor swap in a CPU
 # wheel (it picks versions of the other dependencies that fit it instead).
-COPY pyproject.toml /tmp/pum-src/
+COPY pyproject.toml README.md /tmp/pum-src/
 COPY cli /tmp/pum-src/cli
 COPY common /tmp/pum-src/common
 COPY server /tmp/pum-src/server

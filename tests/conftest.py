@@ -1,4 +1,5 @@
-"""Fixtures shared by every test tier: a tiny real transformers model saved as safetensors."""
+"""Fixtures shared by every test tier: a tiny real transformers model saved as safetensors, and an
+in-process server (TestClient) over a temporary state folder with a controllable clock."""
 
 from __future__ import annotations
 
@@ -6,6 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from dataclasses import dataclass
+
+from fastapi.testclient import TestClient
+
+from pum.common.noise import draw_alphas, job_key_from_seed
+from pum.server.app import create_app
+from pum.server.config import ServerSettings
+from pum.server.service import JobService
+from pum.server.store import Store
 
 torch.set_num_threads(1)
 
@@ -26,3 +36,63 @@ def save_tiny_llama(path: Path, seed: int = 0, tie: bool = True) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+ADMIN = "admin-secret-token"
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Server:
+    settings: ServerSettings
+    service: JobService
+    admin: TestClient
+    clock: FakeClock
+
+    def worker(self, token: str) -> TestClient:
+        return TestClient(self.admin.app, headers={"Authorization": f"Bearer {token}"})
+
+    def create_job(self, model_dir: Path, pum: dict | None = None, task: str = "t1", start: bool = True) -> str:
+        body = {"task": task, "model_dir": str(model_dir), "pum": {"seed": 7, **(pum or {})}, "hyperparams": {"lr": 1e-3}}
+        response = self.admin.post("/v1/jobs", json=body)
+        assert response.status_code == 201, response.text
+        job_id = response.json()["id"]
+        if start:
+            assert self.admin.post(f"/v1/jobs/{job_id}/start").status_code == 200
+        return job_id
+
+    def token(self, job_id: str, label: str = "w") -> str:
+        return self.admin.post(f"/v1/jobs/{job_id}/tokens", json={"label": label}).json()["token"]
+
+    def alphas(self, job_id: str, round_: int = 1) -> list[float]:
+        """The secret α of a seeded job, recomputed the way the server does (test-only)."""
+        settings = self.service._settings(self.service.store.job(job_id))
+        return draw_alphas(job_key_from_seed(settings.seed), round_, settings.copies_m, settings.alpha_min, settings.alpha_max)
+
+
+def make_server(tmp_path: Path, clock: FakeClock | None = None, **overrides) -> Server:
+    settings = ServerSettings(
+        state_dir=tmp_path / "state", saves_dir=tmp_path / "saves", admin_token=ADMIN, lease_ttl_s=30.0, **overrides
+    )
+    clock = clock or FakeClock()
+    service = JobService(Store(settings.state_dir / "state.db"), settings, clock=clock)
+    admin = TestClient(create_app(settings, service), headers={"Authorization": f"Bearer {ADMIN}"})
+    return Server(settings, service, admin, clock)
+
+
+@pytest.fixture
+def server(tmp_path) -> Server:
+    return make_server(tmp_path)
+
+
+@pytest.fixture
+def server_factory():
+    """make_server itself, for tests that restart the server on one state folder."""
+    return make_server
