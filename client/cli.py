@@ -13,11 +13,13 @@ ACTIONS = ("start", "pause", "resume", "abort", "advance", "finalize")
 
 def http_client(server: str, token: str | None, ca_file: str | None = None, timeout: float = 600.0):
     """An httpx.Client for the server; verifies TLS against `ca_file` when given."""
+    import ssl
+
     import httpx
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=server, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0),
-                        verify=ca_file if ca_file else True)
+    verify = ssl.create_default_context(cafile=ca_file) if ca_file else True
+    return httpx.Client(base_url=server, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0), verify=verify)
 
 
 def add_parsers(subparsers) -> None:
