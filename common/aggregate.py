@@ -45,11 +45,17 @@ def update_clip_scales(
     return {g: f * overall for g, f in scales.items()}
 
 
+def sum_of_squares(tensor: torch.Tensor, chunk: int = 1 << 20) -> float:
+    """Σ x² in float64, one chunk at a time (a whole-tensor float64 copy would double the peak memory)."""
+    flat = tensor.reshape(-1)
+    return sum(part.double().pow(2).sum().item() for part in flat.split(chunk)) if flat.numel() else 0.0
+
+
 def group_sum_squares(source: SafetensorsFile) -> dict[str, float]:
     """Σ x² per layer group of a file's tensors (float64 sums)."""
     sums: dict[str, float] = {}
     for info in source.infos:
-        value = source.read(info.name).double().pow(2).sum().item()
+        value = sum_of_squares(source.read(info.name))
         group = layer_group(info.name)
         sums[group] = sums.get(group, 0.0) + value
     return sums

@@ -222,6 +222,7 @@ def stream_safetensors(infos: list[TensorInfo], tensors: Iterable[torch.Tensor],
         _check_tensor(info, tensor)
         for chunk in _byte_chunks(tensor):
             yield bytes(chunk)
+        tensor = None  # free it before the next one is produced: one tensor alive at a time
     if next(produced, None) is not None:
         raise ValueError(f"more tensors than the {len(infos)} infos; produce one tensor per info")
 

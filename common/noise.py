@@ -79,11 +79,11 @@ def mean_base_noise(key: bytes, round_: int, m: int, tensor: str, shape) -> torc
     return total.div_(m)
 
 
-def zero_sum_component(z_k: torch.Tensor, z_mean: torch.Tensor, m: int) -> torch.Tensor:
-    """ε⁰_k = √(m/(m−1))·(z_k − z̄): Σ_k ε⁰_k = 0 and each ε⁰_k keeps unit variance."""
+def zero_sum_inplace(z_k: torch.Tensor, z_mean: torch.Tensor, m: int) -> torch.Tensor:
+    """ε⁰_k = √(m/(m−1))·(z_k − z̄), written over z_k: Σ_k ε⁰_k = 0 and each keeps unit variance."""
     if m < 2:
         raise ValueError(f"copies_m must be ≥ 2 (got {m}): zero-sum noise needs at least two copies")
-    return (z_k - z_mean).mul_(math.sqrt(m / (m - 1)))
+    return z_k.sub_(z_mean).mul_(math.sqrt(m / (m - 1)))
 
 
 @dataclass(frozen=True)
@@ -98,15 +98,16 @@ class CopyNoise:
     tau: float
     structure: NoiseStructure
 
-    def perturb(self, tensor: str, center: torch.Tensor, sigma: float, z_mean: torch.Tensor | None) -> torch.Tensor:
-        """center + α_k·σ·ε_k + τ·ξ_k for one tensor (float32). `z_mean` is z̄ (zero-sum only)."""
-        out = center.to(torch.float32).clone()
+    def add_noise_inplace(self, tensor: str, center: torch.Tensor, sigma: float, z_mean: torch.Tensor | None) -> torch.Tensor:
+        """center + α_k·σ·ε_k + τ·ξ_k for one tensor, in float32; a float32 `center` is overwritten
+        (publication reads each tensor fresh from disk, so no extra copy is made). `z_mean` is z̄."""
+        out = center if center.dtype == torch.float32 else center.to(torch.float32)
         if sigma > 0:
             z = base_noise(self.key, self.round_, self.copy, tensor, out.shape)
             if self.structure == "zero_sum":
                 if z_mean is None:
                     raise ValueError("zero-sum noise needs z̄ of the tensor (mean_base_noise)")
-                z = zero_sum_component(z, z_mean, self.m)
+                zero_sum_inplace(z, z_mean, self.m)
             out.add_(z, alpha=self.alpha * sigma)
         if self.tau > 0:
             out.add_(jitter_noise(self.key, self.round_, self.copy, tensor, out.shape), alpha=self.tau)

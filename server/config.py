@@ -25,6 +25,9 @@ class ServerSettings(BaseSettings):
     lease_ttl_s: float = Field(120.0, gt=0)
     # Largest safetensors header accepted from a worker.
     max_header_bytes: int = Field(16 * 2**20, ge=1024)
+    # Copies generated at once: each costs a few times the largest tensor of memory, so this caps
+    # the server's memory whatever m and the number of workers are; further downloads wait.
+    max_concurrent_copies: int = Field(2, ge=1)
     # Threads torch may use for noise generation and merging.
     torch_threads: int = Field(1, ge=1)
     # TLS: serve HTTPS when both are given.

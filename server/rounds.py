@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from pum.common.aggregate import accumulate_delta, apply_update, harmonic_weight
+from pum.common.aggregate import accumulate_delta, apply_update, harmonic_weight, sum_of_squares
 from pum.common.codec import DTYPES, SafetensorsFile, TensorInfo, save_file_atomic, stream_safetensors
 from pum.common.layers import group_names, layer_group
 from pum.common.noise import CopyNoise, draw_alphas, mean_base_noise, relative_sigmas
@@ -72,7 +72,7 @@ def noise_scales(theta: SafetensorsFile, settings: PumSettings) -> dict[str, flo
         sums, counts = dict.fromkeys(groups, 0.0), dict.fromkeys(groups, 0)
         for info in theta.infos:  # TODO(base model): RMS of θ − θ_base once a base is supported
             group = layer_group(info.name)
-            sums[group] += theta.read(info.name).double().pow(2).sum().item()
+            sums[group] += sum_of_squares(theta.read(info.name))
             counts[group] += info.numel
         return relative_sigmas(sums, counts, settings.noise_kappa, settings.per_layer_noise)
     raise ValueError(f"noise mode {mode!r} is not supported by this server yet")
@@ -124,14 +124,18 @@ def copy_chunks(
     noise = copy_noise(key, settings, round_, k)
     zero_sum = settings.noise_structure == "zero_sum"
 
+    def noisy(info: TensorInfo, theta: SafetensorsFile, zbar: SafetensorsFile | None) -> torch.Tensor:
+        # a function of its own, so θ and z̄ of this tensor are freed before it is streamed
+        z_mean = zbar.read(info.name) if zbar else None
+        sigma = sigmas[layer_group(info.name)]
+        return noise.add_noise_inplace(info.name, theta.read(info.name), sigma, z_mean).to(DTYPES[info.dtype])
+
     def tensors() -> Iterator[torch.Tensor]:
         with SafetensorsFile(files.theta(round_)) as theta:
             zbar = SafetensorsFile(files.zbar(round_)) if zero_sum else None
             try:
                 for info in layout:
-                    z_mean = zbar.read(info.name) if zbar else None
-                    sigma = sigmas[layer_group(info.name)]
-                    yield noise.perturb(info.name, theta.read(info.name), sigma, z_mean).to(DTYPES[info.dtype])
+                    yield noisy(info, theta, zbar)
             finally:
                 if zbar:
                     zbar.close()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import AsyncIterable, Callable, Iterator
 
 import torch
+from starlette.concurrency import run_in_threadpool
 
 from pum.common.codec import SafetensorsFileWriter, StreamParser, TensorInfo, total_size
 from pum.common.errors import Conflict, Forbidden, InvalidInput, LeaseExpired, NotFound, PumError, Unauthorized
@@ -52,6 +53,7 @@ class JobService:
         self.clock = clock
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._copy_slots = threading.BoundedSemaphore(settings.max_concurrent_copies)
         self._remove_orphans()
         self.recover()
 
@@ -227,7 +229,12 @@ class JobService:
         layout = R.published_layout(files.theta(lease.round), job.spec["dtypes"])
         sigmas = self.store.round(job.id, lease.round).sigmas
         chunks = R.copy_chunks(files, self._key(job.id), self._settings(job), lease.round, lease.k, sigmas, layout)
-        return total_size(layout), chunks
+        return total_size(layout), self._one_of_few(chunks)
+
+    def _one_of_few(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        """Generate at most max_concurrent_copies copies at a time (the slot frees when the stream ends)."""
+        with self._copy_slots:
+            yield from chunks
 
     def delta_layout(self, job_id: str, round_: int) -> list[TensorInfo]:
         """What an upload must contain: every tensor of the copy, in float32."""
@@ -247,14 +254,19 @@ class JobService:
         )
         spool = self._files(lease.job_id).spool(lease.id + "-" + secrets.token_hex(4))
         spool.parent.mkdir(parents=True, exist_ok=True)
+        def spool_chunk(chunk: bytes) -> None:
+            for info, tensor in parser.feed(chunk):
+                _check_finite(info.name, tensor)
+                writer.write(info.name, tensor)
+
+        writer = SafetensorsFileWriter(spool, layout)
         try:
-            with SafetensorsFileWriter(spool, layout) as writer:
-                async for chunk in chunks:
-                    for info, tensor in parser.feed(chunk):
-                        _check_finite(info.name, tensor)
-                        writer.write(info.name, tensor)
-                parser.finish()
+            async for chunk in chunks:  # parsing, checks and writes run off the event loop
+                await run_in_threadpool(spool_chunk, chunk)
+            parser.finish()
+            await run_in_threadpool(writer.close)
         except BaseException:
+            writer.abort()
             spool.unlink(missing_ok=True)
             raise
         return lease, spool
@@ -319,6 +331,9 @@ class JobService:
         files = self._files(job.id)
         out = export_model(files.theta(theta_round), job.spec["dtypes"], files.public, self.settings.saves_dir / job.task)
         self.store.update_job(job.id, state="finalized", output_dir=str(out.resolve()))
+        for path in files.root.glob("theta_r*.safetensors"):  # the model now lives in output_dir
+            path.unlink()
+        shutil.rmtree(files.root / "rounds", ignore_errors=True)
 
     def _live_lease(self, token: str, lease_id: str) -> Lease:
         job_id, token_hash = self.worker_job(token)

@@ -18,7 +18,7 @@ def copies_of(structure: str, m: int = 5, shape=(4000,), sigma: float = 0.5, tau
     z_mean = noise.mean_base_noise(KEY, 1, m, "w", shape)
     center = torch.zeros(shape)
     return alphas, [
-        noise.CopyNoise(KEY, 1, k, m, alphas[k], tau, structure).perturb("w", center, sigma, z_mean) for k in range(m)
+        noise.CopyNoise(KEY, 1, k, m, alphas[k], tau, structure).add_noise_inplace("w", center.clone(), sigma, z_mean) for k in range(m)
     ]
 
 
@@ -33,7 +33,7 @@ def test_zero_sum_base_noise_cancels_under_harmonic_weights():
 def test_each_zero_sum_component_keeps_unit_variance():
     m, shape = 4, (200_000,)
     z_mean = noise.mean_base_noise(KEY, 3, m, "t", shape)
-    components = [noise.zero_sum_component(noise.base_noise(KEY, 3, k, "t", shape), z_mean, m) for k in range(m)]
+    components = [noise.zero_sum_inplace(noise.base_noise(KEY, 3, k, "t", shape), z_mean, m) for k in range(m)]
     assert torch.stack(components).sum(0).abs().max().item() < 1e-5
     for eps in components:
         assert abs(eps.var().item() - 1.0) < 0.02
@@ -71,11 +71,11 @@ def test_alphas_lie_in_range_and_depend_on_key_and_round():
 
 def test_zero_sum_needs_two_copies():
     with pytest.raises(ValueError, match="at least two copies"):
-        noise.zero_sum_component(torch.zeros(2), torch.zeros(2), 1)
+        noise.zero_sum_inplace(torch.zeros(2), torch.zeros(2), 1)
 
 
 def test_noise_is_float32_whatever_the_center_dtype():
-    out = noise.CopyNoise(KEY, 1, 0, 2, 1.0, 0.0, "independent").perturb("w", torch.zeros(3, dtype=torch.bfloat16), 1.0, None)
+    out = noise.CopyNoise(KEY, 1, 0, 2, 1.0, 0.0, "independent").add_noise_inplace("w", torch.zeros(3, dtype=torch.bfloat16), 1.0, None)
     assert out.dtype == torch.float32
 
 
