@@ -1,0 +1,1 @@
+"""Function-preserving reparameterizations T_k per architecture (DESIGN.md §4)."""

@@ -1,0 +1,1 @@
+"""TOFU-style evaluation of unlearning (DESIGN.md §7)."""
