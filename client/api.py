@@ -52,22 +52,32 @@ class WorkerAPI:
         return dest
 
     def download_copy(self, lease_id: str, dest: Path, progress: Callable[[int], None] | None = None) -> Path:
-        """Stream the copy to `dest`; refuses a body shorter than the announced length."""
-        with self.http.stream("GET", f"/v1/work/leases/{lease_id}/copy") as response:
-            if not response.is_success:
-                response.read()
-                raise_for_status(response)
-            expected = int(response.headers.get("content-length", -1))
-            received = 0
-            with dest.open("wb") as f:
-                for chunk in response.iter_bytes(CHUNK):
-                    f.write(chunk)
-                    received += len(chunk)
-                    if progress:
-                        progress(len(chunk))
-        if expected >= 0 and received != expected:
-            raise InvalidInput(f"copy download ended after {received} of {expected} bytes")
-        return dest
+        """Stream the copy to `dest`; a cut connection resumes where it stopped (HTTP Range)."""
+        dest.write_bytes(b"")
+        total: int | None = None
+        for attempt in range(self.retries):
+            received = dest.stat().st_size
+            headers = {"Range": f"bytes={received}-"} if received else {}
+            try:
+                with self.http.stream("GET", f"/v1/work/leases/{lease_id}/copy", headers=headers) as response:
+                    if not response.is_success:
+                        response.read()
+                        raise_for_status(response)
+                    if total is None:
+                        total = received + int(response.headers["content-length"])
+                    with dest.open("ab") as f:
+                        for chunk in response.iter_bytes():  # as received: nothing buffered is lost on a cut
+                            f.write(chunk)
+                            if progress:
+                                progress(len(chunk))
+            except httpx.TransportError:
+                if attempt == self.retries - 1:
+                    raise
+                self.sleep(self.backoff_s * 2**attempt)
+                continue
+            if dest.stat().st_size == total:
+                return dest
+        raise InvalidInput(f"copy download stopped at {dest.stat().st_size} of {total} bytes after {self.retries} tries")
 
     def upload_delta(self, lease_id: str, path: Path, progress: Callable[[int], None] | None = None) -> dict:
         """PUT the delta file; transport failures are retried with exponential backoff."""

@@ -27,7 +27,7 @@ import reprlib
 import os
 import sys
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -225,6 +225,35 @@ def stream_safetensors(infos: list[TensorInfo], tensors: Iterable[torch.Tensor],
         tensor = None  # free it before the next one is produced: one tensor alive at a time
     if next(produced, None) is not None:
         raise ValueError(f"more tensors than the {len(infos)} infos; produce one tensor per info")
+
+
+def stream_safetensors_from(infos: list[TensorInfo], make_tensor: Callable[[TensorInfo], torch.Tensor],
+                            start: int = 0, metadata: dict[str, str] | None = None) -> Iterator[bytes]:
+    """The bytes of the file from offset `start` on (an HTTP Range), making only the tensors needed.
+
+    Tensors before the one that holds `start` are never made, so resuming a download costs
+    only what is left (plus part of one tensor).
+    """
+    header = build_header(infos, metadata)
+    if not 0 <= start <= len(header) + sum(i.nbytes for i in infos):
+        raise InvalidInput(f"range start {start} lies outside the file")
+    if start < len(header):
+        yield header[start:]
+    position = len(header)
+    for info in infos:
+        end = position + info.nbytes
+        if end > start and info.nbytes:
+            tensor = make_tensor(info)
+            _check_tensor(info, tensor)
+            skip = max(start - position, 0)
+            for chunk in _byte_chunks(tensor):
+                if skip >= len(chunk):
+                    skip -= len(chunk)
+                    continue
+                yield bytes(chunk[skip:])
+                skip = 0
+            tensor = None  # one tensor alive at a time
+        position = end
 
 
 # --- incremental parser ---------------------------------------------------------------------------

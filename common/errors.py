@@ -2,7 +2,9 @@
 
     PumError
     ├── InvalidInput        400  the request is malformed or out of range (say what to change)
-    │   └── PayloadTooLarge 413  a body over the configured size limit
+    │   ├── PayloadTooLarge 413  a body over the configured size limit
+    │   └── RangeNotSatisfiable 416  a download resumed past the end
+    ├── RequestTimeout      408  a client stopped sending mid-body
     ├── Unauthorized        401  missing or unknown bearer token
     ├── Forbidden           403  a valid token without the right role or job
     ├── NotFound            404  no such job, lease or file
@@ -23,6 +25,14 @@ class InvalidInput(PumError, ValueError):
 
 class PayloadTooLarge(InvalidInput):
     status = 413
+
+
+class RangeNotSatisfiable(InvalidInput):
+    status = 416
+
+
+class RequestTimeout(PumError):
+    status = 408
 
 
 class Unauthorized(PumError):

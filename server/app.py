@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+import re
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from pum.common.errors import PumError
+from pum.common.errors import InvalidInput, PumError
 
 from .auth import AdminOnly, Service, WorkerToken
 from .config import ServerSettings
@@ -33,6 +34,16 @@ class TokenCreate(BaseModel):
 
 class Release(BaseModel):
     reason: str = Field("", max_length=2000, description="why the worker gives the copy back")
+
+
+def range_start(header: str | None) -> int:
+    """The N of `Range: bytes=N-`; the only form a resuming worker needs."""
+    if header is None:
+        return 0
+    match = re.fullmatch(r"bytes=(\d+)-", header.strip())
+    if not match:
+        raise InvalidInput(f"unsupported Range {header[:60]!r}: send 'bytes=N-' to resume from byte N")
+    return int(match.group(1))
 
 
 def job_summary(job) -> dict:
@@ -126,12 +137,19 @@ def create_app(settings: ServerSettings, service: JobService | None = None) -> F
         return FileResponse(service.public_file(token, name), filename=name)
 
     @app.get("/v1/work/leases/{lease_id}/copy", response_class=StreamingResponse)
-    def download_copy(lease_id: str, token: WorkerToken, service: Service) -> StreamingResponse:
-        """The lease's perturbed copy as a safetensors stream, generated tensor by tensor."""
-        size, chunks = service.copy_download(token, lease_id)
-        return StreamingResponse(
-            chunks, media_type="application/octet-stream", headers={"Content-Length": str(size)}
-        )
+    def download_copy(
+        lease_id: str, token: WorkerToken, service: Service, range: Annotated[str | None, Header()] = None
+    ) -> StreamingResponse:
+        """The lease's perturbed copy as a safetensors stream, generated tensor by tensor.
+
+        `Range: bytes=N-` resumes a cut download: the bytes are regenerated from the seeds."""
+        start = range_start(range)
+        size, chunks = service.copy_download(token, lease_id, start)
+        headers = {"Content-Length": str(size - start), "Accept-Ranges": "bytes"}
+        if range is None:
+            return StreamingResponse(chunks, media_type="application/octet-stream", headers=headers)
+        headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
+        return StreamingResponse(chunks, status_code=206, media_type="application/octet-stream", headers=headers)
 
     @app.put(
         "/v1/work/leases/{lease_id}/delta",

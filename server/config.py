@@ -23,6 +23,8 @@ class ServerSettings(BaseSettings):
     dev_mode: bool = False
     # A lease not renewed by a heartbeat within this many seconds puts its copy back in the pool.
     lease_ttl_s: float = Field(120.0, gt=0)
+    # An upload that sends nothing for this long is cut off (408) and leaves no trace.
+    upload_idle_timeout_s: float = Field(60.0, gt=0)
     # Largest safetensors header accepted from a worker.
     max_header_bytes: int = Field(16 * 2**20, ge=1024)
     # Copies generated at once: each costs a few times the largest tensor of memory, so this caps

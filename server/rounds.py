@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 
 from pum.common.aggregate import accumulate_delta, apply_update, harmonic_weight, sum_of_squares
-from pum.common.codec import DTYPES, SafetensorsFile, TensorInfo, save_file_atomic, stream_safetensors
+from pum.common.codec import DTYPES, SafetensorsFile, TensorInfo, save_file_atomic, stream_safetensors_from
 from pum.common.layers import group_names, layer_group
 from pum.common.noise import CopyNoise, draw_alphas, mean_base_noise, relative_sigmas
 from pum.common.settings import PumSettings
@@ -118,29 +118,24 @@ def published_layout(theta_path: Path, dtypes: dict[str, str]) -> list[TensorInf
 
 def copy_chunks(
     files: JobFiles, key: bytes, settings: PumSettings, round_: int, k: int,
-    sigmas: dict[str, float], layout: list[TensorInfo],
+    sigmas: dict[str, float], layout: list[TensorInfo], start: int = 0,
 ) -> Iterator[bytes]:
-    """The safetensors bytes of copy k, generated tensor by tensor from the seeds."""
+    """The safetensors bytes of copy k from byte `start` on, generated tensor by tensor from the
+    seeds: a resumed download regenerates exactly the same bytes."""
     noise = copy_noise(key, settings, round_, k)
     zero_sum = settings.noise_structure == "zero_sum"
+    with SafetensorsFile(files.theta(round_)) as theta:
+        zbar = SafetensorsFile(files.zbar(round_)) if zero_sum else None
+        try:
+            def noisy(info: TensorInfo) -> torch.Tensor:
+                z_mean = zbar.read(info.name) if zbar else None
+                sigma = sigmas[layer_group(info.name)]
+                return noise.add_noise_inplace(info.name, theta.read(info.name), sigma, z_mean).to(DTYPES[info.dtype])
 
-    def noisy(info: TensorInfo, theta: SafetensorsFile, zbar: SafetensorsFile | None) -> torch.Tensor:
-        # a function of its own, so θ and z̄ of this tensor are freed before it is streamed
-        z_mean = zbar.read(info.name) if zbar else None
-        sigma = sigmas[layer_group(info.name)]
-        return noise.add_noise_inplace(info.name, theta.read(info.name), sigma, z_mean).to(DTYPES[info.dtype])
-
-    def tensors() -> Iterator[torch.Tensor]:
-        with SafetensorsFile(files.theta(round_)) as theta:
-            zbar = SafetensorsFile(files.zbar(round_)) if zero_sum else None
-            try:
-                for info in layout:
-                    yield noisy(info, theta, zbar)
-            finally:
-                if zbar:
-                    zbar.close()
-
-    return stream_safetensors(layout, tensors())
+            yield from stream_safetensors_from(layout, noisy, start)
+        finally:
+            if zbar:
+                zbar.close()
 
 
 def merge_spooled(

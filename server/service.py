@@ -7,6 +7,7 @@ committed in one SQLite transaction together with its new S1 file, so a copy cou
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
@@ -15,13 +16,16 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import AsyncIterable, Callable, Iterator
+from typing import AsyncIterable, AsyncIterator, Callable, Iterator
 
 import torch
 from starlette.concurrency import run_in_threadpool
 
 from pum.common.codec import SafetensorsFileWriter, StreamParser, TensorInfo, total_size
-from pum.common.errors import Conflict, Forbidden, InvalidInput, LeaseExpired, NotFound, PumError, Unauthorized
+from pum.common.errors import (
+    Conflict, Forbidden, InvalidInput, LeaseExpired, NotFound, PumError, RangeNotSatisfiable, RequestTimeout,
+    Unauthorized,
+)
 from pum.common.noise import job_key_from_seed, new_job_key
 from pum.common.schemas import TaskSpec
 from pum.common.settings import PumSettings
@@ -221,15 +225,18 @@ class JobService:
         job_id, _ = self.worker_job(token)
         return _file_in(self._files(job_id).public, name)
 
-    def copy_download(self, token: str, lease_id: str) -> tuple[int, Iterator[bytes]]:
-        """(size in bytes, chunks) of the lease's published copy."""
+    def copy_download(self, token: str, lease_id: str, start: int = 0) -> tuple[int, Iterator[bytes]]:
+        """(total size in bytes, chunks from byte `start` on) of the lease's published copy."""
         lease = self._live_lease(token, lease_id)
         job = self._job(lease.job_id)
         files = self._files(job.id)
         layout = R.published_layout(files.theta(lease.round), job.spec["dtypes"])
+        size = total_size(layout)
+        if not 0 <= start < size:
+            raise RangeNotSatisfiable(f"range start {start} is outside the copy's {size} bytes")
         sigmas = self.store.round(job.id, lease.round).sigmas
-        chunks = R.copy_chunks(files, self._key(job.id), self._settings(job), lease.round, lease.k, sigmas, layout)
-        return total_size(layout), self._one_of_few(chunks)
+        chunks = R.copy_chunks(files, self._key(job.id), self._settings(job), lease.round, lease.k, sigmas, layout, start)
+        return size, self._one_of_few(chunks)
 
     def _one_of_few(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
         """Generate at most max_concurrent_copies copies at a time (the slot frees when the stream ends)."""
@@ -261,7 +268,8 @@ class JobService:
 
         writer = SafetensorsFileWriter(spool, layout)
         try:
-            async for chunk in chunks:  # parsing, checks and writes run off the event loop
+            async for chunk in _idle_timeout(chunks, self.settings.upload_idle_timeout_s):
+                # parsing, checks and writes run off the event loop
                 await run_in_threadpool(spool_chunk, chunk)
             parser.finish()
             await run_in_threadpool(writer.close)
@@ -422,6 +430,19 @@ class JobService:
             for path in files.round_dir(job.round).glob("s1_*.safetensors*"):
                 if path.name != rnd.s1_file:
                     path.unlink()
+
+
+async def _idle_timeout(chunks: AsyncIterable[bytes], seconds: float) -> AsyncIterator[bytes]:
+    """The chunks, or RequestTimeout when the client sends nothing for `seconds`."""
+    iterator = chunks.__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(iterator.__anext__(), seconds)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"upload stalled: nothing received for {seconds:g} s; send the delta again") from None
+        yield chunk
 
 
 def _check_finite(name: str, tensor: torch.Tensor) -> None:

@@ -9,7 +9,13 @@ A method is a small stateless class:
   GradDiff needs the reference only with `retain_loss="kl"`, and no method needs a retain
   batch when its retain weight α is 0);
 - `loss(model, reference, forget_batch, retain_batch, params)`: the scalar to minimise, where
-  batches are `pum.common.qa.collate` dicts (input_ids, attention_mask, labels) on the device.
+  batches are `pum.common.qa.collate` dicts (input_ids, attention_mask, labels) on the device;
+- `collate_forget(tokenizer, pairs, params, ...)`: how the trainer builds a forget batch. The
+  default is `collate`; a method that scores other texts too (DPO's "I don't know" answers) adds
+  its own keys there, so `loss` stays a function of tensors.
+
+`RetainWeighted` is the common shape L = γ·L_f + α·L_ret, with L_ret = CE(B_r) (`retain_loss="nll"`)
+or KL(reference ‖ model) on B_r (`retain_loss="kl"`), and no retain batch needed when α = 0.
 
 Notation (DESIGN.md §6): NLL(y|x) sums answer-token negative log-likelihoods, CE is the mean over
 all answer tokens of a batch, log π = −NLL.
@@ -19,13 +25,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from pum.common.qa import IGNORE_INDEX, token_nll
+from pum.common.qa import IGNORE_INDEX, QAPair, collate, token_nll
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -36,6 +42,7 @@ class UnlearningMethod:
     """Base class of the inner methods; subclasses set the class attributes and `loss`."""
 
     name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()  # other registry names of the same method
     Params: ClassVar[type]
     needs_reference: ClassVar[bool] = False
     needs_retain: ClassVar[bool] = False
@@ -50,6 +57,24 @@ class UnlearningMethod:
 
     def loss(self, model, reference, forget_batch: Batch, retain_batch: Batch | None, params: Any) -> torch.Tensor:
         raise NotImplementedError
+
+    def collate_forget(
+        self,
+        tokenizer,
+        pairs: Sequence[QAPair],
+        params: Any,
+        *,
+        max_length: int = 512,
+        generator: torch.Generator | None = None,
+        idk_answers: Sequence[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The forget batch `loss` reads, built from `pairs` (CPU tensors).
+
+        The default is `collate(tokenizer, pairs, max_length)`. `generator` seeds any random choice
+        a method makes per batch; `idk_answers` replaces the packaged "I don't know" lines for the
+        methods that use them (DPO). Both are ignored by methods that need neither.
+        """
+        return collate(tokenizer, list(pairs), max_length)
 
     def __repr__(self) -> str:
         return f"<unlearning method {self.name}>"
@@ -85,6 +110,7 @@ def parse_params(method: UnlearningMethod, mapping: Mapping[str, Any] | None) ->
 
 
 def check_retain_loss(kind: str) -> None:
+    """ValueError unless `kind` is one of RETAIN_LOSSES."""
     if kind not in RETAIN_LOSSES:
         raise ValueError(f"retain_loss must be one of {', '.join(RETAIN_LOSSES)} (got {kind!r})")
 
@@ -136,3 +162,44 @@ def retain_loss(model, reference, retain_batch: Batch, kind: str = "nll") -> tor
     if kind == "nll":
         return answer_ce(logits, retain_batch["labels"])
     return answer_kl(reference_logits(reference, retain_batch), logits, retain_batch["labels"])
+
+
+class RetainWeighted(UnlearningMethod):
+    """A method whose loss is γ·L_f + α·L_ret; its Params have `gamma`, `alpha` and `retain_loss`.
+
+    `needs_reference` says whether the forget term reads the reference; the retain term adds that
+    need under `retain_loss="kl"`. α = 0 drops the retain term and the need for a retain batch.
+    """
+
+    needs_retain = True  # unless alpha = 0
+
+    def uses_retain(self, params: Any) -> bool:
+        return params.alpha != 0
+
+    def uses_reference(self, params: Any) -> bool:
+        return self.needs_reference or (self.uses_retain(params) and params.retain_loss == "kl")
+
+    def with_retain(self, forget_term: torch.Tensor, model, reference, retain_batch: Batch | None, params: Any) -> torch.Tensor:
+        """γ·forget_term + α·L_ret, or γ·forget_term alone when α = 0."""
+        if not self.uses_retain(params):
+            return params.gamma * forget_term
+        return params.gamma * forget_term + params.alpha * retain_loss(model, reference, retain_batch, params.retain_loss)
+
+
+def check_positive(method: str, name: str, value: float, why: str) -> None:
+    """ValueError unless `value` > 0, saying why it must be."""
+    if not value > 0:
+        raise ValueError(f"{method} {name} must be > 0 (got {value}): {why}")
+
+
+def check_int(method: str, name: str, value: Any, least: int | None = None) -> None:
+    """ValueError unless `value` is an int (not a bool), at least `least` when given."""
+    if isinstance(value, bool) or not isinstance(value, int) or (least is not None and value < least):
+        bound = f" ≥ {least}" if least is not None else ""
+        raise ValueError(f"{method} {name} must be an integer{bound} (got {value!r})")
+
+
+def answer_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next-token logits [n, vocab] (float32) at the batch's n answer positions, and their targets [n]."""
+    mask = answer_mask(labels)
+    return logits[:, :-1, :].float()[mask], labels[:, 1:][mask]

@@ -1,0 +1,147 @@
+"""The model's side of evaluation: teacher-forced answer scores, greedy answers, ROUGE-L recall.
+
+`score_answers` runs one forward pass per batch of (question, answer) pairs, in the prompt format of
+`pum.common.qa`, and keeps per answer token what every metric of `metrics.py` needs: log p(y_t),
+μ_t and σ_t of log p under the model's next-token distribution (min-k++), and whether the argmax
+equals y_t (extraction strength). `generate_answers` decodes greedily from left-padded prompts.
+Both sort their inputs by length to pad less, and return results in input order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from tqdm.auto import tqdm
+
+from pum.common.qa import IGNORE_INDEX, QAPair, collate, prompt_text, token_nll
+
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_MAX_NEW_TOKENS = 200  # DESIGN.md §7
+
+
+@dataclass(frozen=True)
+class AnswerScore:
+    """Per-token statistics of one answer (EOS included) under teacher forcing."""
+
+    logprobs: tuple[float, ...]  # log p(y_t | q, y_<t)
+    mu: tuple[float, ...]  # E_{v∼p_t}[log p_t(v)]
+    sigma: tuple[float, ...]  # sqrt(Var_{v∼p_t}[log p_t(v)])
+    argmax_match: tuple[bool, ...]  # argmax_v p_t(v) == y_t
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.logprobs)
+
+    @property
+    def avg_nll(self) -> float:
+        return -sum(self.logprobs) / self.n_tokens
+
+    @property
+    def prob(self) -> float:
+        """P̄(a|q) = exp(−NLL/|a|)."""
+        return math.exp(-self.avg_nll)
+
+
+def _by_length(items: list, key) -> list[int]:
+    return sorted(range(len(items)), key=lambda i: key(items[i]))
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def score_answers(model, tokenizer, pairs: list[QAPair], batch_size: int = DEFAULT_BATCH_SIZE,
+                  progress: bool = False, desc: str = "scoring") -> list[AnswerScore]:
+    """An `AnswerScore` per pair, teacher-forced, batched (`batch_size` sequences per forward pass)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1 (got {batch_size})")
+    model.eval()
+    device = _device(model)
+    order = _by_length(pairs, lambda p: len(p.question) + len(p.answer))
+    results: list[AnswerScore | None] = [None] * len(pairs)
+    with tqdm(total=len(pairs), desc=desc, disable=not progress, leave=False) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collate(tokenizer, [pairs[i] for i in chunk]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"]
+            mask = labels[:, 1:] != IGNORE_INDEX
+            logprobs = -token_nll(logits, labels)
+            logp_all = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
+            p_all = logp_all.exp()
+            p_logp = torch.where(p_all > 0, p_all * logp_all, torch.zeros_like(p_all))
+            mu = p_logp.sum(-1)
+            second = torch.where(p_all > 0, p_logp * logp_all, torch.zeros_like(p_all)).sum(-1)
+            sigma = (second - mu.square()).clamp(min=0).sqrt()
+            match = logits[:, :-1, :].argmax(-1) == labels[:, 1:]
+            for row, index in enumerate(chunk):
+                m = mask[row]
+                if not bool(m.any()):
+                    raise ValueError(f"pair {index} has no answer token to score (question {pairs[index].question[:60]!r})")
+                results[index] = AnswerScore(
+                    logprobs=tuple(logprobs[row][m].tolist()), mu=tuple(mu[row][m].tolist()),
+                    sigma=tuple(sigma[row][m].tolist()), argmax_match=tuple(match[row][m].tolist()),
+                )
+            bar.update(len(chunk))
+    return results  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, questions: list[str], batch_size: int = DEFAULT_BATCH_SIZE,
+                     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, progress: bool = False,
+                     desc: str = "generating") -> list[str]:
+    """Greedy answers to `questions` (prompt `Question: …\\nAnswer:`), up to `max_new_tokens`, stopping at EOS.
+
+    Prompts are left-padded so every row's last prompt token sits at the same position; the text
+    after the prompt, up to the first EOS, is decoded without special tokens and stripped.
+    """
+    from transformers import GenerationConfig
+
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be ≥ 1 (got {batch_size}, {max_new_tokens})")
+    model.eval()
+    device = _device(model)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token: batched generation needs one")
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              pad_token_id=pad, eos_token_id=eos, bos_token_id=tokenizer.bos_token_id)
+    prompts = [list(tokenizer(prompt_text(q))["input_ids"]) for q in questions]
+    order = _by_length(prompts, len)
+    answers: list[str] = [""] * len(questions)
+    with tqdm(total=len(questions), desc=desc, disable=not progress, leave=False) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(len(prompts[i]) for i in chunk)
+            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, index in enumerate(chunk):
+                ids = prompts[index]
+                input_ids[row, width - len(ids):] = torch.tensor(ids)
+                attention_mask[row, width - len(ids):] = 1
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                 generation_config=config)
+            for row, index in enumerate(chunk):
+                new = out[row, width:].tolist()
+                if eos is not None and eos in new:
+                    new = new[: new.index(eos)]
+                answers[index] = tokenizer.decode(new, skip_special_tokens=True).strip()
+            bar.update(len(chunk))
+    return answers
+
+
+@lru_cache(maxsize=1)
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l_recall(reference: str, prediction: str) -> float:
+    """ROUGE-L recall with Porter stemming: LCS(reference, prediction) / |reference| in words (rouge-score)."""
+    return float(_rouge_scorer().score(reference, prediction)["rougeL"].recall)
