@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from types import MappingProxyType
@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pum.client.methods import frozen_reference, get_method, parse_params
+from pum.client.methods.idk import check_idk_answers
 from pum.common.qa import QAPair, collate
 from pum.common.schemas import TaskSpec
 
@@ -145,20 +146,26 @@ def run_unlearning(
     device: torch.device | str | None = None,
     progress: bool = False,
     log: Callable[[dict], None] | None = None,
+    idk_answers: Sequence[str] | None = None,
 ) -> dict:
     """Run the config's unlearning method on `model`, in place, for `planned_steps` steps.
 
     Forget pairs (and retain pairs, cycled independently with the same batch size) are shuffled
     by generators seeded with `config.seed`; one optimiser covers every trainable parameter. The
-    reference model, where the method reads one, is a frozen copy of `model` as given. Runs on
-    `device` when given (the model is moved there), else on the model's device. `log` receives
-    {"step", "loss", "lr", "seconds"} after each step. Returns {"steps", "seconds", "first_loss",
-    "last_loss", "method"}. Deterministic: the same model, data and config give the same weights.
+    reference model, where the method reads one, is a frozen copy of `model` as given. Forget
+    batches are built by the method's `collate_forget`, with a third generator (seed + 2) for any
+    per-batch choice it makes (DPO's "I don't know" answers, taken from `idk_answers` when given,
+    else from the packaged TOFU list). Runs on `device` when given (the model is moved there),
+    else on the model's device. `log` receives {"step", "loss", "lr", "seconds"} after each step.
+    Returns {"steps", "seconds", "first_loss", "last_loss", "method"}. Deterministic: the same
+    model, data, config and idk answers give the same weights.
     """
     method = get_method(config.method)
     params = parse_params(method, config.params)
     if not forget:
         raise ValueError("the forget set is empty: there is nothing to unlearn")
+    if idk_answers is not None:
+        idk_answers = check_idk_answers(idk_answers)
     use_retain = method.uses_retain(params)
     if use_retain and not retain:
         raise ValueError(
@@ -181,9 +188,18 @@ def run_unlearning(
     retain_batches = (
         _batches(retain, config.batch_size, torch.Generator().manual_seed(config.seed + 1)) if use_retain else None
     )
+    method_generator = torch.Generator().manual_seed(config.seed + 2)
 
-    def on_device(pairs: list[QAPair]) -> dict[str, torch.Tensor]:
-        return {k: v.to(device) for k, v in collate(tokenizer, pairs, config.max_length).items()}
+    def on_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def forget_batch_of(pairs: list[QAPair]) -> dict[str, torch.Tensor]:
+        return on_device(
+            method.collate_forget(
+                tokenizer, pairs, params, max_length=config.max_length, generator=method_generator,
+                idk_answers=idk_answers,
+            )
+        )
 
     was_training = model.training
     model.train()
@@ -194,8 +210,12 @@ def run_unlearning(
         torch.manual_seed(config.seed)
         try:
             for step in range(steps):
-                forget_batch = on_device(next(forget_batches))
-                retain_batch = on_device(next(retain_batches)) if retain_batches is not None else None
+                forget_batch = forget_batch_of(next(forget_batches))
+                retain_batch = (
+                    on_device(collate(tokenizer, next(retain_batches), config.max_length))
+                    if retain_batches is not None
+                    else None
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss = method.loss(model, reference, forget_batch, retain_batch, params)
                 value = loss.item()

@@ -70,22 +70,21 @@ def score_answers(model, tokenizer, pairs: list[QAPair], batch_size: int = DEFAU
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"]
             mask = labels[:, 1:] != IGNORE_INDEX
-            logprobs = -token_nll(logits, labels)
-            logp_all = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
-            p_all = logp_all.exp()
-            p_logp = torch.where(p_all > 0, p_all * logp_all, torch.zeros_like(p_all))
+            counts = mask.sum(dim=1).tolist()
+            logprobs = (-token_nll(logits, labels))[mask]  # answer tokens only, row after row
+            answer_logits = logits[:, :-1, :][mask].float()  # [answer tokens, vocabulary]
+            match = answer_logits.argmax(-1) == labels[:, 1:][mask]
+            # μ and σ of log p under p itself; log p is floored where p underflows to 0, so that 0·log 0 = 0.
+            logp_all = torch.log_softmax(answer_logits, dim=-1).clamp(min=-1e4)
+            p_logp = logp_all.exp() * logp_all
             mu = p_logp.sum(-1)
-            second = torch.where(p_all > 0, p_logp * logp_all, torch.zeros_like(p_all)).sum(-1)
-            sigma = (second - mu.square()).clamp(min=0).sqrt()
-            match = logits[:, :-1, :].argmax(-1) == labels[:, 1:]
+            sigma = ((p_logp * logp_all).sum(-1) - mu.square()).clamp(min=0).sqrt()
+            columns = [t.split(counts) for t in (logprobs, mu, sigma, match)]
             for row, index in enumerate(chunk):
-                m = mask[row]
-                if not bool(m.any()):
+                if counts[row] == 0:
                     raise ValueError(f"pair {index} has no answer token to score (question {pairs[index].question[:60]!r})")
-                results[index] = AnswerScore(
-                    logprobs=tuple(logprobs[row][m].tolist()), mu=tuple(mu[row][m].tolist()),
-                    sigma=tuple(sigma[row][m].tolist()), argmax_match=tuple(match[row][m].tolist()),
-                )
+                lp, m, sd, hit = (column[row].tolist() for column in columns)
+                results[index] = AnswerScore(logprobs=tuple(lp), mu=tuple(m), sigma=tuple(sd), argmax_match=tuple(hit))
             bar.update(len(chunk))
     return results  # type: ignore[return-value]
 

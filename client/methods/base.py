@@ -203,3 +203,13 @@ def answer_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     """The next-token logits [n, vocab] (float32) at the batch's n answer positions, and their targets [n]."""
     mask = answer_mask(labels)
     return logits[:, :-1, :].float()[mask], labels[:, 1:][mask]
+
+
+def weighted_ascent_loss(nll: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """−mean over the batch's answer tokens of w_t·NLL_t: token-weighted gradient ascent.
+
+    `nll` and `weights` are [batch, seq-1] (as from `token_nll`); the weights are detached here,
+    so they scale each token's ascent step without being optimised themselves.
+    """
+    mask = answer_mask(labels)
+    return -(weights.detach() * nll * mask).sum() / mask.sum().clamp(min=1)

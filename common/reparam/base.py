@@ -28,6 +28,13 @@ FFN_IN, FFN_OUT = "ffn_in", "ffn_out"      # gate/up rows, down columns
 QKV, GATE_UP = "qkv", "gate_up"            # fused rows [q; k; v] and [gate; up] (Phi-3)
 KEEP = "keep"                              # known and untouched (o_proj / down_proj biases)
 
+# The parts that move each role (a fused role is touched when any of its parts is on).
+ROLE_PARTS: dict[str, frozenset[str]] = {
+    Q: frozenset({QK}), K: frozenset({QK}), V: frozenset({VO}), O: frozenset({VO}),
+    FFN_IN: frozenset({FFN}), FFN_OUT: frozenset({FFN}), QKV: frozenset({QK, VO}), GATE_UP: frozenset({FFN}),
+    KEEP: frozenset(),
+}
+
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 

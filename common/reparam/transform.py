@@ -30,7 +30,7 @@ from pum.common.errors import InvalidInput
 from pum.common.noise import derive_seed
 from pum.common.reparam import maths
 from pum.common.reparam.base import (
-    ALL_PARTS, FFN, FFN_IN, FFN_OUT, GATE_UP, KEEP, K, O, Q, QK, QKV, V, VO, Adapter, Dims, Entry,
+    ALL_PARTS, FFN, FFN_IN, FFN_OUT, GATE_UP, KEEP, K, O, Q, QK, QKV, ROLE_PARTS, V, VO, Adapter, Dims, Entry,
 )
 
 
@@ -137,8 +137,9 @@ class CopyTransform:
         return where[0], self._layer_map[where[1]]
 
     def touches(self, name: str) -> bool:
+        """Whether `forward` changes this tensor (its role is moved by a part that is on)."""
         entry = self.entry(name)
-        return entry is not None and entry[1].role != KEEP
+        return entry is not None and bool(ROLE_PARTS[entry[1].role] & self.parts)
 
     def _secrets(self, layer: int) -> tuple[LayerSecrets, LayerSecrets]:
         with self._lock:
@@ -164,7 +165,7 @@ class CopyTransform:
         if tuple(tensor.shape) != shape:
             raise InvalidInput(f"{name!r} has shape {list(tensor.shape)}, expected {list(shape)} for "
                                f"{self.adapter.architecture}; send the tensors of the published copy")
-        if role == KEEP:
+        if not ROLE_PARTS[role] & self.parts:
             return tensor
         secrets = self._secrets(layer)[direction]
         return ROLE_MAPS[role](secrets, self.dims, tensor.to(torch.float32))

@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 KEY = job_key_from_seed(11)
 VOCAB = 96
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              intermediate_size=96, initializer_range=0.2, attn_implementation="eager")
+              intermediate_size=96, initializer_range=0.1, attn_implementation="eager")
 
 
 def _llama(**extra):
@@ -146,9 +146,11 @@ def test_adapter_preserves_function_inverts_and_carries_deltas(case):
     other = apply(CopyTransform(adapter, config, KEY, round_=1, copy=1), params)
     again = apply(CopyTransform(adapter, config, KEY, round_=1, copy=0), params)
     touched = [name for name in params if transform.touches(name)]
-    assert touched and all(transform.touches(n) == (n.startswith("model.layers.") and "norm" not in n
-                                                      and not n.endswith(("o_proj.bias", "down_proj.bias")))
-                           for n in params)
+    kinds = {name.split(".")[-2] for name in touched}
+    expected_kinds = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"} if case == "phi3" else \
+        {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert kinds == expected_kinds - ({"q_proj", "k_proj"} if case.startswith("qwen3") else set())
+    assert not any(name.endswith(("o_proj.bias", "down_proj.bias")) for name in touched)
     for name in touched:
         scale = float(params[name].abs().max())
         assert float((moved[name] - params[name]).abs().max()) > 0.1 * scale, name
@@ -201,12 +203,16 @@ def test_qwen3_query_key_rotation_commutes_with_a_norm_of_equal_plane_weights():
 
 @pytest.mark.parametrize("parts, commutes", [(ALL_PARTS, False), ({"qk"}, False), ({"vo"}, False), ({FFN}, True)])
 def test_adam_commutes_with_the_permutation_but_not_with_rotations(parts, commutes):
-    """DESIGN.md §4 caveat, measured: one Adam step (lr 1e-2) on the transformed model, inverted."""
+    """DESIGN.md §4 caveat, measured: one Adam step (lr 1e-2) on the transformed model, inverted.
+
+    The step runs in float64: Adam's first step is lr·g/(|g| + eps), which amplifies float32
+    rounding of a gradient coordinate with |g| ≈ eps by lr/(4·eps); in float32 even the exact
+    permutation would leave gaps of ~1e-5 that have nothing to do with the caveat."""
     model, config = build("llama")
     transform = CopyTransform(adapter_for(config), config, KEY, 1, 0, parts=parts)
-    delta = one_step(copylib.deepcopy(model), torch.optim.Adam, lr=1e-2)
-    delta_t = apply(transform, one_step(twin(model, apply(transform, state(model))), torch.optim.Adam, lr=1e-2),
-                    inverse=True)
+    transformed = twin(model, apply(transform, state(model))).double()
+    delta = one_step(copylib.deepcopy(model).double(), torch.optim.Adam, lr=1e-2)
+    delta_t = apply(transform, one_step(transformed, torch.optim.Adam, lr=1e-2), inverse=True)
     gap = max_abs(delta_t[name] - delta[name] for name in delta)
     if commutes:
         assert gap <= 1e-6

@@ -1,0 +1,171 @@
+"""Crashes of real processes: the server killed mid-round, a worker killed mid-training.
+
+Nothing accepted is lost, nothing is counted twice, and a dead lease's late upload is refused.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load, save
+
+from pum.client.admin import AdminAPI
+from pum.client.api import WorkerAPI
+from pum.client.cli import http_client
+from pum.common.errors import LeaseExpired
+from pum.demo.assets import tiny_assets
+from pum.demo.cluster import LocalServer, start_worker
+
+pytestmark = pytest.mark.e2e
+PUM = {"copies_m": 3, "rounds_R": 1, "noise_kappa": 0.05, "seed": 11}
+
+
+def deterministic_delta(copy_bytes: bytes) -> bytes:
+    """A worker update that depends only on the copy it received."""
+    return save({name: -0.01 * t.float() for name, t in load(copy_bytes).items()})
+
+
+def worker_api(url: str, token: str) -> WorkerAPI:
+    return WorkerAPI(httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60), retries=1)
+
+
+def create(admin: AdminAPI, model_dir) -> tuple[str, str]:
+    job = admin.create_job("crash", str(model_dir), PUM, {})["id"]
+    token = admin.issue_token(job)
+    admin.action(job, "start")
+    return job, token
+
+
+def lease_copy(api: WorkerAPI) -> tuple[str, bytes]:
+    lease = api.lease()["lease_id"]
+    return lease, api.http.get(f"/v1/work/leases/{lease}/copy").content
+
+
+def upload(api: WorkerAPI, lease: str, body) -> httpx.Response:
+    return api.http.put(f"/v1/work/leases/{lease}/delta", content=body, headers={"Content-Type": "application/octet-stream"})
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_assets(tmp_path_factory.mktemp("assets")).model_dir
+
+
+def run_uninterrupted(tmp_path, model_dir) -> bytes:
+    with LocalServer(tmp_path / "a" / "state", tmp_path / "a" / "saves") as server, \
+            http_client(server.url, server.admin_token) as http:
+        admin = AdminAPI(http)
+        job, token = create(admin, model_dir)
+        api = worker_api(server.url, token)
+        for _ in range(3):
+            lease, copy = lease_copy(api)
+            assert upload(api, lease, deterministic_delta(copy)).status_code == 200
+        status = admin.wait(job, timeout_s=60)
+        assert status["state"] == "finalized"
+        return (tmp_path / "a" / "saves" / "crash" / "model.safetensors").read_bytes()
+
+
+def test_server_killed_mid_round_recovers_bit_for_bit(tmp_path, model_dir):
+    expected = run_uninterrupted(tmp_path, model_dir)
+
+    state, saves = tmp_path / "b" / "state", tmp_path / "b" / "saves"
+    server = LocalServer(state, saves, log_path=tmp_path / "server.log").start()
+    try:
+        with http_client(server.url, server.admin_token) as http:
+            job, token = create(AdminAPI(http), model_dir)
+        api = worker_api(server.url, token)
+        for _ in range(2):  # two copies accepted before the crash
+            lease, copy = lease_copy(api)
+            assert upload(api, lease, deterministic_delta(copy)).status_code == 200
+        lease, copy = lease_copy(api)
+        body = deterministic_delta(copy)
+        half_sent = threading.Event()
+
+        def interrupted_body():
+            yield body[: len(body) // 2]
+            half_sent.set()
+            time.sleep(30)  # the server dies meanwhile
+            yield body[len(body) // 2:]
+
+        outcome = {}
+        uploader = threading.Thread(target=lambda: outcome.setdefault("r", _try(upload, api, lease, interrupted_body())))
+        uploader.start()
+        assert half_sent.wait(30)
+        time.sleep(0.5)
+        server.kill()  # SIGKILL with an upload in flight
+        uploader.join(60)
+        assert isinstance(outcome["r"], httpx.TransportError)
+
+        restarted = LocalServer(state, saves, port=server.port, log_path=tmp_path / "server.log").start()
+        try:
+            with http_client(restarted.url, restarted.admin_token) as http:
+                admin = AdminAPI(http)
+                status = admin.status(job)
+                assert status["rounds"][0]["accepted"] == 2  # the interrupted upload left no trace
+                assert upload(api, lease, body).status_code == 200  # the same lease, redone
+                assert upload(api, lease, body).status_code == 409  # and counted once
+                final = admin.wait(job, timeout_s=60)
+            assert final["state"] == "finalized" and final["rounds"][0]["accepted"] == 3
+            assert (saves / "crash" / "model.safetensors").read_bytes() == expected
+        finally:
+            restarted.stop()
+    finally:
+        server.stop()
+
+
+def _try(function, *args):
+    try:
+        return function(*args)
+    except Exception as err:  # the outcome is the assertion's business
+        return err
+
+
+def test_killed_worker_lease_expires_and_another_worker_finishes(tmp_path):
+    assets = tiny_assets(tmp_path / "assets")
+    saves = tmp_path / "saves"
+    server = LocalServer(tmp_path / "state", saves, lease_ttl_s=3.0, log_path=tmp_path / "server.log")
+    with server, http_client(server.url, server.admin_token) as http:
+        admin = AdminAPI(http)
+        pum = {"copies_m": 2, "rounds_R": 1, "inner_handler": "GradAscent", "local_max_steps": 1000}
+        job = admin.create_job("wcrash", str(assets.model_dir), pum, {"lr": 1e-5, "batch_size": 4})["id"]
+        admin.action(job, "start")
+        dead = worker_api(server.url, admin.issue_token(job, "dead"))
+        dead_lease, _ = lease_copy(dead)  # leases and downloads; heartbeats until the victim is killed, then dies
+        alive = threading.Event()
+        alive.set()
+
+        def heartbeats():
+            while alive.is_set():
+                dead.heartbeat(dead_lease)
+                time.sleep(0.5)
+
+        threading.Thread(target=heartbeats, daemon=True).start()
+        victim = start_worker(server.url, admin.issue_token(job, "victim"), assets.split("forget10"), None, saves,
+                              log_path=tmp_path / "victim.log")
+        deadline = time.monotonic() + 60
+        while [c["state"] for c in admin.status(job)["rounds"][0]["copies"]] != ["leased", "leased"]:
+            assert time.monotonic() < deadline and victim.poll() is None, (tmp_path / "victim.log").read_text()[-2000:]
+            time.sleep(0.1)
+        time.sleep(1.0)  # the victim is downloading or training now
+        victim.kill()
+        victim.wait()
+        alive.clear()
+
+        survivor = start_worker(server.url, admin.issue_token(job, "survivor"), assets.split("forget10"), None, saves,
+                                log_path=tmp_path / "survivor.log")
+        status = admin.wait(job, timeout_s=180)
+        assert survivor.wait(timeout=60) == 0
+        assert status["state"] == "finalized", (tmp_path / "survivor.log").read_text()[-2000:]
+        copies = status["rounds"][0]["copies"]
+        assert [c["state"] for c in copies] == ["accepted", "accepted"]
+        assert all(c["leases"] == 2 for c in copies)  # each copy was leased again after its lease expired
+        with pytest.raises(LeaseExpired):
+            dead.upload_delta(dead_lease, _write(tmp_path / "late.safetensors", b"late"))
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
