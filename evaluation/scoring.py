@@ -76,9 +76,9 @@ def score_answers(model, tokenizer, pairs: list[QAPair], batch_size: int = DEFAU
             match = answer_logits.argmax(-1) == labels[:, 1:][mask]
             # μ and σ of log p under p itself; log p is floored where p underflows to 0, so that 0·log 0 = 0.
             logp_all = torch.log_softmax(answer_logits, dim=-1).clamp(min=-1e4)
-            p_logp = logp_all.exp() * logp_all
-            mu = p_logp.sum(-1)
-            sigma = ((p_logp * logp_all).sum(-1) - mu.square()).clamp(min=0).sqrt()
+            p_all = logp_all.exp()
+            mu = (p_all * logp_all).sum(-1)
+            sigma = (p_all * (logp_all - mu[:, None]).square()).sum(-1).sqrt()  # two-pass: no cancellation
             columns = [t.split(counts) for t in (logprobs, mu, sigma, match)]
             for row, index in enumerate(chunk):
                 if counts[row] == 0:

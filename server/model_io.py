@@ -50,6 +50,17 @@ def ingest_model(model_dir: Path, theta_path: Path, public_dir: Path) -> dict[st
 
     Returns the original dtype of every tensor, for the export.
     """
+    dtypes = ingest_weights(model_dir, theta_path, "model_dir")
+    public_dir.mkdir(parents=True, exist_ok=True)
+    for path in public_files(model_dir):
+        shutil.copy2(path, public_dir / path.name)
+    return dtypes
+
+
+def ingest_weights(model_dir: Path, out_path: Path, what: str) -> dict[str, str]:
+    """The weights of a Hugging Face folder as one float32 file; returns the original dtypes."""
+    if not model_dir.is_dir():
+        raise InvalidInput(f"{what} {model_dir} is not a folder on the server")
     shards = [SafetensorsFile(path) for path in weight_files(model_dir)]
     try:
         located = {info.name: (shard, info) for shard in shards for info in shard.infos}
@@ -58,13 +69,10 @@ def ingest_model(model_dir: Path, theta_path: Path, public_dir: Path) -> dict[st
             others = sorted(set(located) - {i.name for i in floats})
             raise InvalidInput(f"model has non-float tensors PUM cannot perturb: {others[:5]}")
         infos = [TensorInfo(i.name, "F32", i.shape) for i in floats]
-        save_file_atomic(theta_path, infos, (located[i.name][0].read(i.name).float() for i in infos))
+        save_file_atomic(out_path, infos, (located[i.name][0].read(i.name).float() for i in infos))
     finally:
         for shard in shards:
             shard.close()
-    public_dir.mkdir(parents=True, exist_ok=True)
-    for path in public_files(model_dir):
-        shutil.copy2(path, public_dir / path.name)
     return {info.name: info.dtype for info in floats}
 
 

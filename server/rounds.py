@@ -3,6 +3,9 @@
 Files of a job (under state_dir/jobs/<id>/):
     secret.key                      job key (0600): α_k, seeds and z̄ derive from it
     theta_r{r}.safetensors          θ at the start of round r (float32)
+    base.safetensors                the public base model θ_base, when one is given
+    rounds/r{r}/theta_ref.safetensors  θ_ref of round r (center clipping only)
+    rounds/r{r}/center.safetensors  the clipped center θ̃ of round r (0600; center clipping only)
     rounds/r{r}/zbar.safetensors    z̄ of the round's zero-sum noise (0600, secret)
     rounds/r{r}/s1_{n}.safetensors  S1 after n accepted copies
     spool/<lease>.safetensors       an upload being received
@@ -18,6 +21,7 @@ from typing import Iterator
 import torch
 
 from pum.common.aggregate import accumulate_delta, apply_update, harmonic_weight, sum_of_squares
+from pum.common.center import write_center, write_reference_ema
 from pum.common.codec import DTYPES, SafetensorsFile, TensorInfo, save_file_atomic, stream_safetensors_from
 from pum.common.layers import group_names, layer_group
 from pum.common.noise import CopyNoise, draw_alphas, mean_base_noise, relative_sigmas
@@ -42,6 +46,18 @@ class JobFiles:
     def round_dir(self, round_: int) -> Path:
         return self.root / "rounds" / f"r{round_}"
 
+    @property
+    def base(self) -> Path:
+        return self.root / "base.safetensors"
+
+    def theta_ref(self, round_: int) -> Path:
+        return self.round_dir(round_) / "theta_ref.safetensors"
+
+    def center(self, round_: int) -> Path:
+        """θ̃ of the round: the clipped center when clipping is on, else θ itself."""
+        clipped = self.round_dir(round_) / "center.safetensors"
+        return clipped if clipped.exists() else self.theta(round_)
+
     def zbar(self, round_: int) -> Path:
         return self.round_dir(round_) / "zbar.safetensors"
 
@@ -60,8 +76,11 @@ def write_secret(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def noise_scales(theta: SafetensorsFile, settings: PumSettings) -> dict[str, float]:
-    """σ_ℓ per layer group, for the manual and relative modes (DESIGN.md §3.2)."""
+def noise_scales(theta: SafetensorsFile, base: SafetensorsFile | None, settings: PumSettings) -> dict[str, float]:
+    """σ_ℓ per layer group, for the manual and relative modes (DESIGN.md §3.2).
+
+    Relative: σ_ℓ = κ·RMS(θ_ℓ − θ_base,ℓ), or κ·RMS(θ_ℓ) without a base model.
+    """
     groups = group_names(theta.names)
     mode = settings.noise_mode
     if mode == "manual":
@@ -70,12 +89,42 @@ def noise_scales(theta: SafetensorsFile, settings: PumSettings) -> dict[str, flo
         return manual_per_layer_sigmas(settings.sigma_per_layer, groups)
     if mode == "relative":
         sums, counts = dict.fromkeys(groups, 0.0), dict.fromkeys(groups, 0)
-        for info in theta.infos:  # TODO(base model): RMS of θ − θ_base once a base is supported
+        for info in theta.infos:
             group = layer_group(info.name)
-            sums[group] += sum_of_squares(theta.read(info.name))
+            value = theta.read(info.name)
+            sums[group] += sum_of_squares(value - base.read(info.name) if base else value)
             counts[group] += info.numel
         return relative_sigmas(sums, counts, settings.noise_kappa, settings.per_layer_noise)
     raise ValueError(f"noise mode {mode!r} is not supported by this server yet")
+
+
+def clip_thresholds_for_round(clip_norms: dict[str, float | None], settings: PumSettings, round_: int) -> dict[str, float | None]:
+    """C_ℓ·γ^(r−1): the thresholds grow by γ each round from round 2 (DESIGN.md §4)."""
+    growth = settings.center_clip_round_gamma ** (round_ - 1)
+    return {g: (c * growth if c is not None else None) for g, c in clip_norms.items()}
+
+
+def prepare_round(
+    files: JobFiles, key: bytes, settings: PumSettings, clip_norms: dict[str, float | None] | None, round_: int
+) -> dict[str, float]:
+    """Write the round's center (when clipping) and z̄; returns σ_ℓ. Idempotent: a crash redoes it."""
+    files.round_dir(round_).mkdir(parents=True, exist_ok=True)
+    if clip_norms is not None:
+        clipped = files.round_dir(round_) / "center.safetensors"
+        with SafetensorsFile(files.theta(round_)) as theta, SafetensorsFile(files.theta_ref(round_)) as ref:
+            write_center(theta, ref, clip_thresholds_for_round(clip_norms, settings, round_), clipped)
+        clipped.chmod(0o600)
+    base = SafetensorsFile(files.base) if files.base.exists() else None
+    try:
+        with SafetensorsFile(files.theta(round_)) as theta:
+            sigmas = noise_scales(theta, base, settings)
+        if settings.noise_structure == "zero_sum" and any(s > 0 for s in sigmas.values()):
+            with SafetensorsFile(files.center(round_)) as center:
+                write_zbar(center, key, round_, settings.copies_m, files.zbar(round_))
+    finally:
+        if base:
+            base.close()
+    return sigmas
 
 
 def manual_per_layer_sigmas(values, groups: list[str]) -> dict[str, float]:
@@ -124,13 +173,13 @@ def copy_chunks(
     seeds: a resumed download regenerates exactly the same bytes."""
     noise = copy_noise(key, settings, round_, k)
     zero_sum = settings.noise_structure == "zero_sum"
-    with SafetensorsFile(files.theta(round_)) as theta:
+    with SafetensorsFile(files.center(round_)) as center:
         zbar = SafetensorsFile(files.zbar(round_)) if zero_sum else None
         try:
             def noisy(info: TensorInfo) -> torch.Tensor:
                 z_mean = zbar.read(info.name) if zbar else None
                 sigma = sigmas[layer_group(info.name)]
-                return noise.add_noise_inplace(info.name, theta.read(info.name), sigma, z_mean).to(DTYPES[info.dtype])
+                return noise.add_noise_inplace(info.name, center.read(info.name), sigma, z_mean).to(DTYPES[info.dtype])
 
             yield from stream_safetensors_from(layout, noisy, start)
         finally:
@@ -161,8 +210,12 @@ def merge_spooled(
 
 
 def step(files: JobFiles, settings: PumSettings, round_: int, s0: float, s1_path: Path) -> Path:
-    """θ_{r+1} = θ_r + η·S1/S0, written as the next round's θ file."""
+    """θ_{r+1} = θ_r + η·S1/S0, and with clipping θ_ref,r+1 = β·θ_ref,r + (1 − β)·θ̃_r."""
     out = files.theta(round_ + 1)
     with SafetensorsFile(files.theta(round_)) as theta, SafetensorsFile(s1_path) as s1:
         apply_update(theta, s1, s0, settings.eta_srv, out)
+    if files.theta_ref(round_).exists():
+        files.round_dir(round_ + 1).mkdir(parents=True, exist_ok=True)
+        with SafetensorsFile(files.theta_ref(round_)) as ref, SafetensorsFile(files.center(round_)) as center:
+            write_reference_ema(ref, center, settings.theta_ref_beta, files.theta_ref(round_ + 1))
     return out

@@ -26,13 +26,13 @@ from pum.common.errors import (
     Conflict, Forbidden, InvalidInput, LeaseExpired, NotFound, PumError, RangeNotSatisfiable, RequestTimeout,
     Unauthorized,
 )
-from pum.common.noise import job_key_from_seed, new_job_key
 from pum.common.schemas import TaskSpec
 from pum.common.settings import PumSettings
 
 from . import rounds as R
 from .config import ServerSettings
-from .model_io import export_model, ingest_model
+from .job_setup import create_job_files
+from .model_io import export_model
 from .store import Job, Lease, Store
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,6 @@ TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 # them at job creation is better than a silent skip.
 UNSUPPORTED = {
     "use_orthogonal_reparam": "reparameterization",
-    "center_clipping_enabled": "center clipping",
-    "base_model": "a public base model",
 }
 
 
@@ -74,13 +72,11 @@ class JobService:
         files = self._files(job_id)
         try:
             files.root.mkdir(parents=True)
-            dtypes = ingest_model(source, files.theta(1), files.public)
-            key = job_key_from_seed(settings.seed) if settings.seed is not None else new_job_key()
-            R.write_secret(files.key, key)
+            prepared = create_job_files(files, source, settings)
         except BaseException:
             shutil.rmtree(files.root, ignore_errors=True)
             raise
-        spec = {"model_dir": str(source), "pum": settings.to_public_dict(), "hyperparams": hyperparams, "dtypes": dtypes}
+        spec = {"model_dir": str(source), "pum": settings.to_public_dict(), "hyperparams": hyperparams, **prepared}
         self.store.insert_job(job_id, task, spec)
         log.info("created job %s (task %s, m=%d, R=%d)", job_id, task, settings.copies_m, settings.rounds_R)
         return self.store.job(job_id)
@@ -326,11 +322,7 @@ class JobService:
     def _open_round(self, job: Job, round_: int) -> None:
         settings = self._settings(job)
         files = self._files(job.id)
-        with R.SafetensorsFile(files.theta(round_)) as theta:
-            sigmas = R.noise_scales(theta, settings)
-            if settings.noise_structure == "zero_sum" and any(s > 0 for s in sigmas.values()):
-                R.write_zbar(theta, self._key(job.id), round_, settings.copies_m, files.zbar(round_))
-        files.round_dir(round_).mkdir(parents=True, exist_ok=True)
+        sigmas = R.prepare_round(files, self._key(job.id), settings, job.spec.get("clip_norms"), round_)
         self.store.open_round(job.id, round_, settings.copies_m, sigmas)
         if round_ > 1:
             files.theta(round_ - 1).unlink(missing_ok=True)

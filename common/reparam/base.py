@@ -118,7 +118,8 @@ class Adapter:
         """Every touched tensor of the model, by full name."""
         dims = self.dims(config)
         layer = self.layer_map(dims)
-        return {f"{self.layer_prefix}{i}.{suffix}": entry for i in range(dims.n_layers) for suffix, entry in layer.items()}
+        return {f"{self.layer_prefix}{i}.{suffix}": entry
+                for i in range(dims.n_layers) for suffix, entry in layer.items()}
 
     def check_layout(self, config: dict, infos: Iterable[TensorInfo]) -> None:
         """Refuse, in one InvalidInput listing EVERY problem, a checkpoint whose touched tensors are
@@ -127,13 +128,15 @@ class Adapter:
         dims = self.dims(config)
         expected, got = self.expected(config), {info.name: info for info in infos}
         modules = {suffix.rsplit(".", 1)[0] for suffix in self.layer_map(dims)}
-        problems = []
+        problems, count = [], 0
         if missing := sorted(expected.keys() - got.keys()):
             problems.append(f"missing {missing}")
+            count += len(missing)
         for name in sorted(expected.keys() & got.keys()):
             info, shape = got[name], expected[name].shape
             if info.shape != shape or info.dtype not in _FLOAT_DTYPES:
                 problems.append(f"{name!r} is {info.describe()}, expected a float tensor of shape {list(shape)}")
+                count += 1
         extra_layers, unknown = set(), []
         for name in sorted(got.keys() - expected.keys()):
             if (where := self.locate(name)) is None:
@@ -145,11 +148,13 @@ class Adapter:
                 unknown.append(name)
         if extra_layers:
             problems.append(f"layers {sorted(extra_layers)} beyond num_hidden_layers={dims.n_layers}")
+            count += len(extra_layers)
         if unknown:
             problems.append(f"tensors the {self.architecture} map does not know in modules it transforms {unknown}")
+            count += len(unknown)
         if problems:
             raise InvalidInput(f"the checkpoint does not match the {self.architecture} reparameterization layout "
-                               f"({len(problems)} problem(s)): " + "; ".join(problems)
+                               f"({count} problem(s)): " + "; ".join(problems)
                                + "; fix the checkpoint or its config.json, or turn reparameterization off")
 
 

@@ -161,7 +161,8 @@ class CopyTransform:
             return tensor
         layer, (role, shape) = found
         if layer >= self.dims.n_layers:
-            raise InvalidInput(f"{name!r} is in layer {layer}, but the config has num_hidden_layers={self.dims.n_layers}")
+            raise InvalidInput(f"{name!r} is in layer {layer}, but the config has "
+                               f"num_hidden_layers={self.dims.n_layers}; send the tensors of the published copy")
         if tuple(tensor.shape) != shape:
             raise InvalidInput(f"{name!r} has shape {list(tensor.shape)}, expected {list(shape)} for "
                                f"{self.adapter.architecture}; send the tensors of the published copy")

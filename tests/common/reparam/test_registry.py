@@ -76,8 +76,9 @@ def test_a_matching_layout_passes(config):
 
 
 def test_layout_check_reports_every_problem_at_once():
-    infos = [info for info in infos_for(LLAMA) if info.name != "model.layers.1.mlp.up_proj.weight"]
-    infos = [TensorInfo(i.name, i.dtype, (4, 8)) if i.name == "model.layers.0.self_attn.k_proj.weight" else i
+    dropped = {"model.layers.1.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight"}
+    infos = [info for info in infos_for(LLAMA) if info.name not in dropped]
+    infos = [TensorInfo(i.name, i.dtype, (5, 8)) if i.name == "model.layers.0.self_attn.k_proj.weight" else i
              for i in infos]
     infos = [TensorInfo(i.name, "I64", i.shape) if i.name == "model.layers.1.self_attn.o_proj.weight" else i
              for i in infos]
@@ -86,8 +87,9 @@ def test_layout_check_reports_every_problem_at_once():
     with pytest.raises(InvalidInput) as error:
         adapter_for(LLAMA).check_layout(LLAMA, infos)
     message = str(error.value)
-    assert "5 problem(s)" in message
-    for fragment in ["missing ['model.layers.1.mlp.up_proj.weight', 'model.layers.2", "k_proj.weight' is F32 [4, 8]",
+    assert "6 problem(s)" in message
+    for fragment in ["missing ['model.layers.0.self_attn.q_proj.weight', 'model.layers.1.mlp.up_proj.weight']",
+                     "k_proj.weight' is F32 [5, 8], expected a float tensor of shape [4, 8]",
                      "o_proj.weight' is I64", "layers [2] beyond num_hidden_layers=2",
                      "'model.layers.0.self_attn.q_proj.bias'", "LlamaForCausalLM"]:
         assert fragment in message, fragment

@@ -1,0 +1,83 @@
+"""Everything a job's files need at creation: θ, the public files, the base model, C_ℓ, the key.
+
+Kept apart from the service so creation reads as one list of steps, each refusing bad input
+with a message before anything is stored.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from pum.common.center import check_same_layout, clip_thresholds, quantile_thresholds
+from pum.common.codec import SafetensorsFile
+from pum.common.errors import InvalidInput
+from pum.common.layers import group_names
+from pum.common.noise import job_key_from_seed, new_job_key
+from pum.common.settings import PumSettings
+
+from .model_io import ingest_model, ingest_weights
+from .rounds import JobFiles, write_secret
+
+
+def create_job_files(files: JobFiles, source: Path, settings: PumSettings) -> dict:
+    """Write the job's files; returns what the job spec records (dtypes, C_ℓ, base present)."""
+    dtypes = ingest_model(source, files.theta(1), files.public)
+    with SafetensorsFile(files.theta(1)) as theta:
+        groups = group_names(theta.names)
+        if settings.base_model:
+            ingest_weights(Path(settings.base_model).expanduser(), files.base, "base_model")
+            with SafetensorsFile(files.base) as base:
+                check_same_layout(theta, base, f"base_model {settings.base_model}")
+        clip_norms = center_clip_norms(settings, groups, files)
+    if clip_norms is not None:  # θ_ref starts at θ_base; without a base, at θ (no bound: see the report)
+        files.round_dir(1).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(files.base if files.base.exists() else files.theta(1), files.theta_ref(1))
+    key = job_key_from_seed(settings.seed) if settings.seed is not None else new_job_key()
+    write_secret(files.key, key)
+    return {"dtypes": dtypes, "clip_norms": clip_norms, "has_base": files.base.exists()}
+
+
+def center_clip_norms(settings: PumSettings, groups: list[str], files: JobFiles) -> dict[str, float | None] | None:
+    """C_ℓ per group, or None when center clipping is off (DESIGN.md §4 "Clipping").
+
+    From explicit C values; else from per-layer DP sensitivities (Δ̄_ℓ = 2·C_ℓ); else from the
+    public-only quantile policy over reference models (needs a base model).
+    """
+    if not settings.center_clipping_enabled:
+        return None
+    if settings.center_clip_C_per_layer is not None or settings.center_clip_C_global is not None:
+        return clip_thresholds(groups, settings.center_clip_C_per_layer, settings.center_clip_C_global)
+    if settings.dp_sensitivity_per_layer_l2 is not None:
+        halves = [s / 2 for s in settings.dp_sensitivity_per_layer_l2]
+        if len(halves) != len(groups):
+            raise InvalidInput(
+                f"dp_sensitivity_per_layer_l2 has {len(halves)} values; give one per group ({len(groups)}: {groups})"
+            )
+        return dict(zip(groups, halves))
+    if settings.dp_sensitivity_total_l2 is not None:
+        return {g: settings.dp_sensitivity_total_l2 / 2 / len(groups) ** 0.5 for g in groups}
+    if settings.center_clip_ref_model_paths:
+        if not files.base.exists():
+            raise InvalidInput("center_clip_ref_model_paths: the quantile policy needs base_model (a public base)")
+        references = []
+        try:
+            for i, path in enumerate(settings.center_clip_ref_model_paths):
+                target = files.root / f"reference_{i}.safetensors"
+                ingest_weights(Path(path).expanduser(), target, f"reference model {path}")
+                references.append(SafetensorsFile(target))
+            with SafetensorsFile(files.base) as base:
+                for ref in references:
+                    check_same_layout(base, ref, "reference model")
+                return quantile_thresholds(
+                    base, references, settings.center_clip_quantile_q, settings.center_clip_quantile_kappa
+                )
+        finally:
+            for ref in references:
+                ref.close()
+            for path in files.root.glob("reference_*.safetensors"):
+                path.unlink()
+    raise InvalidInput(
+        "server_center_clipping is on but no threshold is given: set center_clip_C_per_layer / "
+        "center_clip_C_global, dp sensitivities, or center_clip_ref_model_paths with a base_model"
+    )

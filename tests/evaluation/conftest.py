@@ -1,0 +1,19 @@
+"""Shared fixtures of the evaluation tests: the tiny demo assets (data + fine-tuned model), built once."""
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    from pum.demo.assets import tiny_assets
+
+    return tiny_assets(tmp_path_factory.mktemp("eval-assets"))
+
+
+@pytest.fixture(scope="session")
+def loaded(assets):
+    """(model, tokenizer) of the tiny fine-tuned model, in eval mode."""
+    return assets.load_model(), assets.load_tokenizer()
