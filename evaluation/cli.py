@@ -20,6 +20,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--forget-split", default="forget10", choices=sorted(SPLITS))
     parser.add_argument("--retain-model", type=Path, default=None,
                         help="retain model folder (or its TOFU_EVAL.json); needed for forget_quality and privleak")
+    parser.add_argument("--retain-out", type=Path, default=None,
+                        help="where the retain model's evaluation is cached (default: the retain model folder)")
     parser.add_argument("--out", type=Path, default=None, help="where TOFU_EVAL.json and TOFU_SUMMARY.json go (default MODEL_DIR)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
@@ -50,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
 
     summary = evaluate(args.model_dir, args.data, args.forget_split, args.retain_model, args.out,
                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                       progress=not args.no_progress, max_items=args.max_items, device=args.device)
+                       progress=not args.no_progress, retain_out_dir=args.retain_out, max_items=args.max_items,
+                       device=args.device)
     print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
     print(f"\nwritten: {(args.out or args.model_dir) / SUMMARY_FILE}")
     return 0

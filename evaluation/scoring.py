@@ -136,8 +136,11 @@ def generate_answers(model, tokenizer, questions: list[str], batch_size: int = D
 
 @lru_cache(maxsize=1)
 def _rouge_scorer():
+    import logging
+
     from rouge_score import rouge_scorer
 
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score logs "Using default tokenizer." at INFO
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 

@@ -214,9 +214,9 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, forget_split: str = "f
     uses AUC 0.5 for privleak. `max_items` cuts every split to its first records (smoke runs only).
     Returns the summary.
     """
-    options = EvalOptions(batch_size=batch_size, max_new_tokens=max_new_tokens)
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be ≥ 1 (got {batch_size}, {max_new_tokens})")
+    options = EvalOptions(batch_size=batch_size, max_new_tokens=max_new_tokens)
     model_dir = Path(model_dir)
     data = load_tofu(data_dir, forget_split, max_items)
     for role in data.missing:

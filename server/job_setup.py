@@ -6,6 +6,7 @@ with a message before anything is stored.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from pum.common.codec import SafetensorsFile
 from pum.common.errors import InvalidInput
 from pum.common.layers import group_names
 from pum.common.noise import job_key_from_seed, new_job_key
+from pum.common.reparam import adapter_for
 from pum.common.settings import PumSettings
 
 from .model_io import ingest_model, ingest_weights
@@ -30,6 +32,9 @@ def create_job_files(files: JobFiles, source: Path, settings: PumSettings) -> di
             with SafetensorsFile(files.base) as base:
                 check_same_layout(theta, base, f"base_model {settings.base_model}")
         clip_norms = center_clip_norms(settings, groups, files)
+        if settings.use_orthogonal_reparam:  # refused now, never silently skipped later
+            config = json.loads((files.public / "config.json").read_text())
+            adapter_for(config).check_layout(config, theta.infos)
     if clip_norms is not None:  # θ_ref starts at θ_base; without a base, at θ (no bound: see the report)
         files.round_dir(1).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(files.base if files.base.exists() else files.theta(1), files.theta_ref(1))

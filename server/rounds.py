@@ -13,6 +13,7 @@ Files of a job (under state_dir/jobs/<id>/):
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from pum.common.center import write_center, write_reference_ema
 from pum.common.codec import DTYPES, SafetensorsFile, TensorInfo, save_file_atomic, stream_safetensors_from
 from pum.common.layers import group_names, layer_group
 from pum.common.noise import CopyNoise, draw_alphas, mean_base_noise, relative_sigmas
+from pum.common.reparam import CopyTransform, adapter_for
 from pum.common.settings import PumSettings
 
 
@@ -151,6 +153,14 @@ def write_zbar(theta: SafetensorsFile, key: bytes, round_: int, m: int, path: Pa
     path.chmod(0o600)
 
 
+def copy_transform(files: JobFiles, key: bytes, settings: PumSettings, round_: int, k: int) -> CopyTransform | None:
+    """T_k of the copy, when reparameterization is on (its secrets derive from the job key)."""
+    if not settings.use_orthogonal_reparam:
+        return None
+    config = json.loads((files.public / "config.json").read_text())
+    return CopyTransform(adapter_for(config), config, key, round_, k)
+
+
 def copy_noise(key: bytes, settings: PumSettings, round_: int, k: int) -> CopyNoise:
     alphas = draw_alphas(key, round_, settings.copies_m, settings.alpha_min, settings.alpha_max)
     return CopyNoise(key, round_, k, settings.copies_m, alphas[k], settings.jitter_tau, settings.noise_structure)
@@ -172,6 +182,7 @@ def copy_chunks(
     """The safetensors bytes of copy k from byte `start` on, generated tensor by tensor from the
     seeds: a resumed download regenerates exactly the same bytes."""
     noise = copy_noise(key, settings, round_, k)
+    transform = copy_transform(files, key, settings, round_, k)
     zero_sum = settings.noise_structure == "zero_sum"
     with SafetensorsFile(files.center(round_)) as center:
         zbar = SafetensorsFile(files.zbar(round_)) if zero_sum else None
@@ -179,7 +190,10 @@ def copy_chunks(
             def noisy(info: TensorInfo) -> torch.Tensor:
                 z_mean = zbar.read(info.name) if zbar else None
                 sigma = sigmas[layer_group(info.name)]
-                return noise.add_noise_inplace(info.name, center.read(info.name), sigma, z_mean).to(DTYPES[info.dtype])
+                tensor = noise.add_noise_inplace(info.name, center.read(info.name), sigma, z_mean)
+                if transform is not None:
+                    tensor = transform.forward(info.name, tensor)
+                return tensor.to(DTYPES[info.dtype])
 
             yield from stream_safetensors_from(layout, noisy, start)
         finally:
@@ -194,13 +208,14 @@ def merge_spooled(
     """Fold one spooled delta into S1; returns the new S0 and the new S1 file (not yet committed)."""
     alpha = copy_noise(key, settings, round_, k).alpha
     weight = harmonic_weight(alpha)
+    transform = copy_transform(files, key, settings, round_, k)
     previous = files.s1(round_, accepted) if accepted else None
     out = files.s1(round_, accepted + 1)
     with SafetensorsFile(spool) as delta:
         s1_previous = SafetensorsFile(previous) if previous else None
         try:
             accumulate_delta(
-                delta, s1_previous, out, weight,
+                delta, s1_previous, out, weight, align=transform.inverse if transform else None,
                 clip_per_layer=settings.clip_update_norm_per_layer, clip_total=settings.clip_update_norm,
             )
         finally:

@@ -37,11 +37,6 @@ from .store import Job, Lease, Store
 
 log = logging.getLogger(__name__)
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-# Features whose settings are validated but that this server does not implement yet: refusing
-# them at job creation is better than a silent skip.
-UNSUPPORTED = {
-    "use_orthogonal_reparam": "reparameterization",
-}
 
 
 def hash_token(token: str) -> str:
@@ -365,9 +360,6 @@ class JobService:
     def _refuse_unsupported(self, settings: PumSettings) -> None:
         if settings.noise_mode == "dp":
             raise InvalidInput("dp_epsilon: DP calibration is not available on this server yet; use sigma or noise_kappa")
-        for attribute, feature in UNSUPPORTED.items():
-            if getattr(settings, attribute):
-                raise InvalidInput(f"{attribute}: {feature} is not available on this server yet; turn it off")
 
     def _job(self, job_id: str) -> Job:
         job = self.store.job(job_id)

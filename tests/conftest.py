@@ -59,8 +59,14 @@ class Server:
     def worker(self, token: str) -> TestClient:
         return TestClient(self.admin.app, headers={"Authorization": f"Bearer {token}"})
 
-    def create_job(self, model_dir: Path, pum: dict | None = None, task: str = "t1", start: bool = True) -> str:
-        body = {"task": task, "model_dir": str(model_dir), "pum": {"seed": 7, **(pum or {})}, "hyperparams": {"lr": 1e-3}}
+    def create_job(
+        self, model_dir: Path, pum: dict | None = None, task: str = "t1", start: bool = True,
+        hyperparams: dict | None = None,
+    ) -> str:
+        body = {
+            "task": task, "model_dir": str(model_dir), "pum": {"seed": 7, **(pum or {})},
+            "hyperparams": hyperparams if hyperparams is not None else {"lr": 1e-3},
+        }
         response = self.admin.post("/v1/jobs", json=body)
         assert response.status_code == 201, response.text
         job_id = response.json()["id"]

@@ -2,7 +2,7 @@
 
 A method is a small stateless class:
 
-- `name`: its registry name;
+- `name`: its registry name, and `aliases`: other names it is found by (DPO's "IdkDPO");
 - `Params`: a frozen dataclass of its hyperparameters, each with a default;
 - `needs_reference` / `needs_retain`: whether it reads the frozen reference model and a retain
   batch (`uses_reference(params)` / `uses_retain(params)` refine this per configuration, e.g.

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Batch, UnlearningMethod, check_int
+from .base import Batch, UnlearningMethod, check_int, check_positive
 from .registry import register
 
 
@@ -91,8 +91,7 @@ class RMU(UnlearningMethod):
         u_seed: int = 0  # seeds the random direction u; keep it equal across workers and rounds
 
         def __post_init__(self):
-            if not self.steering_coeff > 0:
-                raise ValueError(f"RMU steering_coeff must be > 0 (got {self.steering_coeff}): c·u is the target")
+            check_positive("RMU", "steering_coeff", self.steering_coeff, "c·u is the forget target")
             if self.layer is not None:
                 check_int("RMU", "layer", self.layer, least=1)
             check_int("RMU", "u_seed", self.u_seed, least=0)

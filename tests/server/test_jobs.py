@@ -20,7 +20,6 @@ def test_creation_refuses_bad_specs_with_a_message(server, tiny_model_dir, tmp_p
         ({"task": "t", "model_dir": str(tmp_path / "nope")}, "model_dir"),
         ({"task": "t", "model_dir": str(tmp_path)}, "config.json"),
         ({"task": "t", "model_dir": str(tiny_model_dir), "pum": {"copies_m": 1}}, "copies_m must be ≥ 2"),
-        ({"task": "t", "model_dir": str(tiny_model_dir), "pum": {"use_orthogonal_reparam": True}}, "reparameterization"),
         ({"task": "t", "model_dir": str(tiny_model_dir), "pum": {"dp_epsilon": 4}}, "DP calibration"),
         ({"task": "t", "model_dir": str(tiny_model_dir), "pum": {"copies": 3}}, "copies_m"),
     ]
@@ -30,6 +29,16 @@ def test_creation_refuses_bad_specs_with_a_message(server, tiny_model_dir, tmp_p
         assert phrase in response.json()["detail"], (phrase, response.json())
     assert server.admin.get("/v1/jobs").json() == []
     assert not list(server.settings.state_dir.glob("jobs/*"))
+
+
+def test_reparameterization_of_an_architecture_without_adapter_is_refused(server, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32)).save_pretrained(tmp_path / "gpt2")
+    body = {"task": "t", "model_dir": str(tmp_path / "gpt2"), "pum": {"use_orthogonal_reparam": True}}
+    response = server.admin.post("/v1/jobs", json=body)
+    assert response.status_code == 400 and "GPT2LMHeadModel" in response.json()["detail"]
+    assert server.admin.get("/v1/jobs").json() == []
 
 
 def test_pause_resume_abort(server, tiny_model_dir):
