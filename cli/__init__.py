@@ -1,4 +1,4 @@
-"""The `pum` console script: `pum server`, `pum worker`, `pum admin …`, `pum demo`."""
+"""The `pum` console script: `pum server`, `pum worker`, `pum admin …`, `pum unlearn`, `pum demo`, `pum eval`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pum.common.errors import PumError
 def build_parser() -> argparse.ArgumentParser:
     from pum.client.cli import add_parsers as add_client
     from pum.demo.cli import add_parser as add_demo
+    from pum.evaluation.cli import add_parser as add_eval
     from pum.server.cli import add_parser as add_server
 
     parser = argparse.ArgumentParser(prog="pum", description="Perturb–Unlearn–Merge federated unlearning")
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_server(subparsers)
     add_client(subparsers)
     add_demo(subparsers)
+    add_eval(subparsers)
     return parser
 
 

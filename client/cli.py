@@ -36,6 +36,18 @@ def add_parsers(subparsers) -> None:
     worker.add_argument("--no-progress", action="store_true", help="no progress bars")
     worker.set_defaults(run=run_worker)
 
+    unlearn = subparsers.add_parser("unlearn", help="run an inner method directly on a model (the baseline, no PUM)")
+    unlearn.add_argument("model_dir", help="Hugging Face model folder (with tokenizer)")
+    unlearn.add_argument("--forget", required=True)
+    unlearn.add_argument("--retain")
+    unlearn.add_argument("--out", required=True, help="where the unlearned model is saved")
+    unlearn.add_argument("--method", default=os.environ.get("PUM_INNER_HANDLER", "GradDiff"))
+    unlearn.add_argument("--epochs", type=float, default=float(os.environ.get("PUM_LOCAL_EPOCHS", 5)))
+    unlearn.add_argument("--hyperparams", default="{}", help='JSON, e.g. {"lr": 1e-5, "batch_size": 32, "beta": 0.1}')
+    unlearn.add_argument("--device", help="cuda, cpu (default: the GPU if any)")
+    unlearn.add_argument("--threads", type=int)
+    unlearn.set_defaults(run=run_unlearn)
+
     admin = subparsers.add_parser("admin", help="admin commands against a running server")
     admin.add_argument("--server", default=os.environ.get("PUM_SERVER_URL", "http://127.0.0.1:8000"))
     admin.add_argument("--token", default=os.environ.get("PUM_ADMIN_TOKEN"), help="admin token (or PUM_ADMIN_TOKEN)")
@@ -78,6 +90,31 @@ def run_worker(args: argparse.Namespace) -> int:
     with http_client(args.server, args.token, args.ca_file) as http:
         done = Worker(WorkerAPI(http), forget, retain, options).run()
     print(json.dumps({"copies_uploaded": done}))
+    return 0
+
+
+def run_unlearn(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pum.common.qa import load_qa
+    from pum.common.schemas import TaskSpec
+
+    from .trainer import TrainConfig, run_unlearning
+    from .worker import default_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    task = TaskSpec(method=args.method, epochs=args.epochs, rounds=1, hyperparams=json.loads(args.hyperparams))
+    config = TrainConfig.from_task(task)
+    device = args.device or default_device()
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir).to(device)
+    retain = load_qa(args.retain) if args.retain else None
+    metrics = run_unlearning(model, tokenizer, load_qa(args.forget), retain, config, progress=True)
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    print(json.dumps({"saved": args.out, **metrics}, default=str))
     return 0
 
 
