@@ -32,6 +32,7 @@ def add_parsers(subparsers) -> None:
     worker.add_argument("--device", help="cuda, cuda:1, cpu (default: the GPU if any)")
     worker.add_argument("--threads", type=int, help="torch CPU threads")
     worker.add_argument("--max-copies", type=int, help="stop after this many copies")
+    worker.add_argument("--idk", help="'I don't know' answers for DPO, one per line (default: TOFU's list)")
     worker.add_argument("--ca-file", help="CA bundle to verify the server's TLS certificate")
     worker.add_argument("--no-progress", action="store_true", help="no progress bars")
     worker.set_defaults(run=run_worker)
@@ -76,6 +77,7 @@ def run_worker(args: argparse.Namespace) -> int:
     from pum.common.qa import load_qa
 
     from .api import WorkerAPI
+    from .methods import load_idk_answers
     from .worker import Worker, WorkerOptions
 
     if not args.token:
@@ -85,7 +87,8 @@ def run_worker(args: argparse.Namespace) -> int:
     forget = load_qa(args.forget)
     retain = load_qa(args.retain) if args.retain else None
     options = WorkerOptions(
-        saves_dir=Path(args.saves_dir), device=args.device, progress=not args.no_progress, max_copies=args.max_copies
+        saves_dir=Path(args.saves_dir), device=args.device, progress=not args.no_progress, max_copies=args.max_copies,
+        idk_answers=load_idk_answers(args.idk) if args.idk else None,
     )
     with http_client(args.server, args.token, args.ca_file) as http:
         done = Worker(WorkerAPI(http), forget, retain, options).run()

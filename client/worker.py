@@ -38,6 +38,7 @@ class WorkerOptions:
     progress: bool = True  # progress bars for download, training and upload
     max_copies: int | None = None  # stop after this many copies (None: until the job ends)
     poll_s: float = 1.0  # longest wait between lease requests when the server says 'wait'
+    idk_answers: tuple[str, ...] | None = None  # "I don't know" lines for DPO (None: TOFU's list)
     max_consecutive_failures: int = 3  # a worker that fails this often in a row stops (it is broken, not unlucky)
 
 
@@ -106,6 +107,7 @@ class Worker:
                 train = run_unlearning(
                     model, tokenizer, self.forget, self.retain, config,
                     progress=self.options.progress, log=lambda row: metrics_log.write(json.dumps(row) + "\n"),
+                    idk_answers=self.options.idk_answers,
                 )
             finally:
                 metrics_log.close()

@@ -165,6 +165,11 @@ def calibrate(settings: PumSettings, group_sizes: Mapping[str, int] | None = Non
         log.warning(text)
         warnings.append(text)
 
+    if order is not None and 0 < mu_t < math.inf and rdp_epsilon(mu_t, delta, settings.dp_rdp_orders,
+                                                                  settings.dp_conversion)[0] == 0.0:
+        warn(f"dp_epsilon = {settings.dp_epsilon} is below what the RDP orders can certify: only the "
+             f"total-variation bound is left (μ* = {mu_t:.3g}, a huge σ); add larger dp_rdp_orders or use "
+             "dp_conversion='exact'")
     if settings.dp_alpha_policy == "expected":
         warn("dp_alpha_policy='expected' uses S_α = m/(α_min·α_max), an average over α, not a bound")
     allocation = settings.dp_per_layer_allocation

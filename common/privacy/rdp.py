@@ -91,7 +91,9 @@ def max_mu(eps: float, delta: float, orders: Sequence[float], conversion: str = 
 
     Per order μ_λ² = 2·(ε − c(λ))/λ (feasible where ε > c(λ)); the order with the largest μ_λ
     wins. The Bretagnolle–Huber branch gives μ² ≤ −2·log(1 − δ²)/λ_min at any ε ≥ 0. The result
-    is nudged down by a few ulps if rounding would put `epsilon(μ*)` above ε.
+    is nudged down by a few ulps if rounding would put `epsilon(μ*)` above ε. When ε is below every
+    c(λ) of the grid only that branch is left (μ* ≈ δ, useless noise): `max_mu` still answers, and
+    `calibration.calibrate` warns.
     """
     if not eps >= 0:
         raise ValueError(f"eps must be ≥ 0 (got {eps!r})")
@@ -104,7 +106,8 @@ def max_mu(eps: float, delta: float, orders: Sequence[float], conversion: str = 
     best = int(np.argmax(mu2))
     mu, order = math.sqrt(float(mu2[best])), float(lam[best])
     lam_min = float(lam.min())
-    mu_kl = math.sqrt(-2.0 * math.log1p(-delta * delta) / lam_min)
+    # a 1e-9 margin keeps the (discontinuous) ε = 0 branch robust to rounding in σ = Δ̄/√B
+    mu_kl = math.sqrt(-2.0 * math.log1p(-delta * delta) / lam_min) * (1.0 - 1e-9)
     if mu_kl > mu:
         mu, order = mu_kl, lam_min
     for _ in range(64):  # rounding guard: never overshoot ε

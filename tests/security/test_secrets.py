@@ -361,8 +361,8 @@ def arm(scanner: Scanner, trace: Trace) -> None:
         "seed bytes": (noise(3) + struct.pack("<Q", seed) + noise(3), f"seed xi r2 k1 {name}"),
     }
     for what, (haystack, label) in planted.items():
-        assert label in {h.split(" ", 3)[0] + " " + h.split(" ", 3)[1] if label.count(" ") == 1 else h
-                         for h in scanner.find(haystack)} or any(h.startswith(label) for h in scanner.find(haystack)), what
+        hits = scanner.find(haystack)
+        assert any(hit == label or hit.startswith(label + " ") for hit in hits), f"{what}: found only {hits}"
     assert not scanner.find(noise(50_000)), "the scanner finds secrets in random bytes"
     assert {"k", "copy_index"} <= json_fields({"lease": {"k": 1}, "x": [{"copy_index": 0}]})
     # the recorder holds what the workers downloaded: the scan is over the real bytes
@@ -383,10 +383,9 @@ def assert_clean(scanner: Scanner, trace: Trace, logs: list[tuple[str, str]]) ->
     assert not found, f"secrets in what a worker received: {found}"
     fields = set().union(*(json_fields(body) for body in trace.recorder.json_bodies))
     assert not fields & FORBIDDEN_FIELDS, f"secret fields sent to a worker: {fields & FORBIDDEN_FIELDS}"
-    for label, body in trace.recorder.records:
-        if label.startswith(("200 GET", "206 GET")) and "/copy" in label:
-            header = json.loads(body.split(b"\r\n\r\n", 1)[1][8:8 + struct.unpack("<Q", body.split(b"\r\n\r\n", 1)[1][:8])[0]])
-            assert set(header.get("__metadata__", {})) <= {"format"}, header.get("__metadata__")
+    for copy in trace.downloads.values():  # nothing rides in the copy's safetensors header either
+        header = json.loads(copy[8:8 + struct.unpack("<Q", copy[:8])[0]])
+        assert set(header.get("__metadata__", {})) <= {"format"}, header.get("__metadata__")
     leaked = {where: hits for where, line in logs if (hits := scanner.find(line.encode()))}
     assert not leaked, f"secrets in log lines: {leaked}"
     for what, mode in trace.modes.items():
@@ -430,7 +429,7 @@ def test_no_secret_reaches_a_worker_or_a_log(server, tiny_model_dir, caplog, tau
     formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
     logs = [(f"{r.name}:{r.lineno}", formatter.format(r) + " " + repr(r.args)) for r in caplog.records]
     assert any("granted" in line for _, line in logs) and any("expired" in line for _, line in logs)
-    assert any(r.levelno == logging.DEBUG for r in caplog.records) or caplog.handler.level == 0
+    assert any(r.name.startswith("pum.") for r in caplog.records)
 
     scanner = trace.secrets.scanner()
     arm(scanner, trace)
@@ -439,7 +438,7 @@ def test_no_secret_reaches_a_worker_or_a_log(server, tiny_model_dir, caplog, tau
 
 def test_no_secret_on_the_wire_or_in_the_log_of_a_real_server(server_process, tiny_model_dir, state_db):
     """The same job against `pum --log-level DEBUG server` on 127.0.0.1: uvicorn's own logs too."""
-    ttl = 2.0
+    ttl = 2.5
     srv = server_process(lease_ttl_s=ttl, log_level="DEBUG")
     with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {srv.admin_token}"}, timeout=30) as admin:
         body = {"task": "secrets", "model_dir": str(tiny_model_dir), "hyperparams": {"lr": 1e-3},

@@ -135,6 +135,17 @@ def test_infeasible_calibration_keeps_the_manual_sigma(caplog):
         calibrate(PumSettings(sigma=0.1), SIZES, CLIPS)
 
 
+def test_target_below_the_order_grid_warns(caplog):
+    # with δ = 1e-10 the largest order (256) certifies no ε below ≈ 0.0646: only the TV bound is left
+    settings = PumSettings(dp_epsilon=0.0625, dp_delta=1e-10, per_layer_noise=False)
+    with caplog.at_level(logging.WARNING):
+        cal = calibrate(settings, SIZES, CLIPS)
+    assert cal.mu_target < 1e-9 and "below what the RDP orders can certify" in caplog.text
+    mu = math.sqrt(cal.s_alpha * sum((2 * c) ** 2 / cal.sigma_for(g) ** 2 for g, c in CLIPS.items()))
+    assert epsilon_for(mu, 1e-10, "improved", DEFAULT_RDP_ORDERS)[0] == 0.0
+    assert not calibrate(PumSettings(dp_epsilon=0.0625, dp_delta=1e-10, dp_conversion="exact"), SIZES, CLIPS).warnings
+
+
 def test_expected_policy_is_labelled_an_average(caplog):
     with caplog.at_level(logging.WARNING):
         cal = calibrate(PumSettings(dp_epsilon=4.0, dp_use_worstcase_alpha=False), SIZES, CLIPS)
