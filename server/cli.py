@@ -20,6 +20,23 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--tls-key", help="private key file for --tls-cert")
     parser.set_defaults(run=run)
 
+    audit = subparsers.add_parser("audit", help="operator check: recover a round's center from its copies")
+    audit.add_argument("--state-dir", default="state", help="the server's state folder")
+    audit.add_argument("--job", required=True, help="job id (its current round is audited)")
+    audit.add_argument("--coords", type=int, default=2000, help="coordinates sampled per tensor")
+    audit.set_defaults(run=run_audit)
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .audit import audit_round
+
+    report = audit_round(Path(args.state_dir), args.job, args.coords)
+    print(json.dumps(report, indent=2))
+    return 0
+
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
