@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pum.demo.cli import add_parser as add_demo
     from pum.evaluation.cli import add_parser as add_eval
     from pum.server.cli import add_parser as add_server
+    from pum.server.cli import add_privacy_parser
 
     parser = argparse.ArgumentParser(prog="pum", description="Perturb–Unlearn–Merge federated unlearning")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_client(subparsers)
     add_demo(subparsers)
     add_eval(subparsers)
+    add_privacy_parser(subparsers)
     return parser
 
 

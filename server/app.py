@@ -104,6 +104,11 @@ def create_app(settings: ServerSettings, service: JobService | None = None) -> F
         """A new worker token for the job; it is shown only in this response."""
         return {"token": service.issue_token(job_id, body.label), "label": body.label, "job_id": job_id}
 
+    @app.get("/v1/jobs/{job_id}/privacy", dependencies=[AdminOnly])
+    def privacy(job_id: str, service: Service) -> dict:
+        """The privacy report: seed-formula (ε, δ), the true (ε, δ) of the release, per coalition, σ_ℓ, τ, warnings."""
+        return service.privacy(job_id)
+
     @app.get("/v1/jobs/{job_id}/model", dependencies=[AdminOnly])
     def model_files(job_id: str, service: Service) -> dict:
         """Files of the finalized model."""

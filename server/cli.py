@@ -27,6 +27,39 @@ def add_parser(subparsers) -> None:
     audit.set_defaults(run=run_audit)
 
 
+def add_privacy_parser(subparsers) -> None:
+    privacy = subparsers.add_parser("privacy", help="the privacy report a job file would get (ε of the formula and of the release)")
+    privacy.add_argument("job_file", help="job YAML: task, model_dir, pum settings")
+    privacy.set_defaults(run=run_privacy)
+
+
+def run_privacy(args: argparse.Namespace) -> int:
+    """Create the job on a throw-away state folder, open its first round, print its report."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    from pum.common.settings import PumSettings
+
+    from .config import ServerSettings
+    from .service import JobService
+    from .store import Store
+
+    spec = yaml.safe_load(Path(args.job_file).read_text()) or {}
+    settings = PumSettings.from_sources(args.job_file)
+    with tempfile.TemporaryDirectory(prefix="pum-privacy-") as tmp:
+        server = ServerSettings(state_dir=Path(tmp) / "state", saves_dir=Path(tmp) / "saves", dev_mode=True)
+        service = JobService(Store(server.state_dir / "state.db"), server)
+        job = service.create_job(spec.get("task", "privacy"), str(spec.get("model_dir", "")), settings.to_public_dict(), {})
+        service.start(job.id)
+        report = service.privacy(job.id)
+        service.store.close()
+    print(json.dumps({k: v for k, v in report.items() if k not in ("job", "state")}, indent=2))
+    return 0
+
+
 def run_audit(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path

@@ -19,7 +19,7 @@ from pum.common.reparam import adapter_for
 from pum.common.settings import PumSettings
 
 from .model_io import ingest_model, ingest_weights
-from .rounds import JobFiles, write_secret
+from .rounds import JobFiles, dp_sigmas, group_sizes, write_secret
 
 
 def create_job_files(files: JobFiles, source: Path, settings: PumSettings) -> dict:
@@ -27,6 +27,7 @@ def create_job_files(files: JobFiles, source: Path, settings: PumSettings) -> di
     dtypes = ingest_model(source, files.theta(1), files.public)
     with SafetensorsFile(files.theta(1)) as theta:
         groups = group_names(theta.names)
+        sizes = group_sizes(theta.infos)
         if settings.base_model:
             ingest_weights(Path(settings.base_model).expanduser(), files.base, "base_model")
             with SafetensorsFile(files.base) as base:
@@ -40,7 +41,10 @@ def create_job_files(files: JobFiles, source: Path, settings: PumSettings) -> di
         shutil.copyfile(files.base if files.base.exists() else files.theta(1), files.theta_ref(1))
     key = job_key_from_seed(settings.seed) if settings.seed is not None else new_job_key()
     write_secret(files.key, key)
-    return {"dtypes": dtypes, "clip_norms": clip_norms, "has_base": files.base.exists()}
+    if settings.noise_mode == "dp":  # an impossible calibration is refused now, not at the start
+        with SafetensorsFile(files.theta(1)) as theta:
+            dp_sigmas(theta, key, settings, clip_norms, 1)
+    return {"dtypes": dtypes, "clip_norms": clip_norms, "has_base": files.base.exists(), "group_sizes": sizes}
 
 
 def center_clip_norms(settings: PumSettings, groups: list[str], files: JobFiles) -> dict[str, float | None] | None:

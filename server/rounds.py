@@ -27,6 +27,7 @@ from pum.common.codec import DTYPES, SafetensorsFile, TensorInfo, save_file_atom
 from pum.common.layers import group_names, layer_group
 from pum.common.noise import CopyNoise, draw_alphas, mean_base_noise, relative_sigmas
 from pum.common.reparam import CopyTransform, adapter_for
+from pum.common.privacy.calibration import calibrate
 from pum.common.settings import PumSettings
 
 
@@ -100,6 +101,24 @@ def noise_scales(theta: SafetensorsFile, base: SafetensorsFile | None, settings:
     raise ValueError(f"noise mode {mode!r} is not supported by this server yet")
 
 
+def group_sizes(infos) -> dict[str, int]:
+    """d_ℓ: parameters per layer group."""
+    sizes: dict[str, int] = {}
+    for info in infos:
+        sizes[layer_group(info.name)] = sizes.get(layer_group(info.name), 0) + info.numel
+    return sizes
+
+
+def dp_sigmas(
+    theta: SafetensorsFile, key: bytes, settings: PumSettings, clip_norms: dict[str, float | None] | None, round_: int
+) -> dict[str, float]:
+    """σ_ℓ calibrated to (dp_epsilon, dp_delta) over R rounds with this round's C_ℓ and realized α."""
+    clips = clip_thresholds_for_round(clip_norms, settings, round_) if clip_norms else None
+    alphas = draw_alphas(key, round_, settings.copies_m, settings.alpha_min, settings.alpha_max)
+    calibration = calibrate(settings, group_sizes(theta.infos), clips, alphas)
+    return {g: calibration.sigma_for(g) for g in group_names(theta.names)}
+
+
 def clip_thresholds_for_round(clip_norms: dict[str, float | None], settings: PumSettings, round_: int) -> dict[str, float | None]:
     """C_ℓ·γ^(r−1): the thresholds grow by γ each round from round 2 (DESIGN.md §4)."""
     growth = settings.center_clip_round_gamma ** (round_ - 1)
@@ -119,7 +138,10 @@ def prepare_round(
     base = SafetensorsFile(files.base) if files.base.exists() else None
     try:
         with SafetensorsFile(files.theta(round_)) as theta:
-            sigmas = noise_scales(theta, base, settings)
+            if settings.noise_mode == "dp":
+                sigmas = dp_sigmas(theta, key, settings, clip_norms, round_)
+            else:
+                sigmas = noise_scales(theta, base, settings)
         if settings.noise_structure == "zero_sum" and any(s > 0 for s in sigmas.values()):
             with SafetensorsFile(files.center(round_)) as center:
                 write_zbar(center, key, round_, settings.copies_m, files.zbar(round_))

@@ -32,6 +32,7 @@ from pum.common.settings import PumSettings
 from . import rounds as R
 from .config import ServerSettings
 from .job_setup import create_job_files
+from .privacy import privacy_of
 from .model_io import export_model
 from .store import Job, Lease, Store
 
@@ -59,7 +60,6 @@ class JobService:
         if not TASK_NAME.match(task):
             raise InvalidInput(f"task {task!r} must be 1–100 letters, digits, '.', '_' or '-' (it names a folder)")
         settings = PumSettings.from_spec(pum)
-        self._refuse_unsupported(settings)
         source = Path(model_dir).expanduser()
         if not source.is_dir():
             raise InvalidInput(f"model_dir {model_dir} is not a folder on the server")
@@ -145,6 +145,11 @@ class JobService:
             "output_dir": job.output_dir, "created_at": job.created_at, "updated_at": job.updated_at,
             "settings": job.spec["pum"], "hyperparams": job.spec["hyperparams"], "rounds": rounds,
         }
+
+    def privacy(self, job_id: str) -> dict:
+        """The privacy report of the job's released rounds (DESIGN.md §5)."""
+        job = self._job(job_id)
+        return privacy_of(job, self.store, self._key(job_id), self.store.largest_coalition(job_id))
 
     def jobs(self) -> list[Job]:
         return self.store.jobs()
@@ -356,10 +361,6 @@ class JobService:
     def _expire(self, now: float) -> None:
         for lease in self.store.expire_leases(now):
             log.warning("job %s: %s expired; its copy goes back to the pool", lease.job_id, lease.id)
-
-    def _refuse_unsupported(self, settings: PumSettings) -> None:
-        if settings.noise_mode == "dp":
-            raise InvalidInput("dp_epsilon: DP calibration is not available on this server yet; use sigma or noise_kappa")
 
     def _job(self, job_id: str) -> Job:
         job = self.store.job(job_id)

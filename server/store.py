@@ -192,6 +192,15 @@ class Store:
         return [dict(r) for r in rows]
 
     # leases
+    def largest_coalition(self, job_id: str) -> int | None:
+        """The most distinct copies of one round that one worker token was ever leased (None: no lease yet)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MAX(n) FROM (SELECT COUNT(DISTINCT k) AS n FROM leases WHERE job_id = ? "
+                "GROUP BY round, token_hash)", (job_id,),
+            ).fetchone()
+        return row[0]
+
     def expire_leases(self, now: float) -> list[Lease]:
         """Mark active leases past their expiry as expired and put their copies back; returns them."""
         with self.transaction() as db:

@@ -14,7 +14,7 @@ Allocations of B over the L layer groups (all meet the constraint exactly):
 
     equalized  σ_ℓ = Δ̄_ℓ·√(L/B)                         (each group spends B/L)
     varmin     σ_ℓ² = (Σ_j Δ̄_j·√d_j)·Δ̄_ℓ / (B·√d_ℓ)   (minimises the total variance Σ_ℓ d_ℓ·σ_ℓ²)
-    single     σ = Δ_tot/√B, Δ_tot = √(Σ_ℓ Δ̄_ℓ²) or dp_sensitivity_total_l2
+    single     σ = Δ_tot/√B, Δ_tot = dp_sensitivity_total_l2 when set, else √(Σ_ℓ Δ̄_ℓ²)
 
 `auto` computes equalized and varmin and keeps the smaller Σ d_ℓσ_ℓ². Every σ_ℓ scales as
 1/√B, so the comparison is the same at every RDP order, and the best order (largest μ*) gives
@@ -178,11 +178,9 @@ def calibrate(settings: PumSettings, group_sizes: Mapping[str, int] | None = Non
             warn(f"per-layer allocation {allocation!r} needs the layer sizes d_ℓ, which are unknown: "
                  "using one σ for the model")
         else:
-            options = {"equalized": equalized_sigmas(sens, budget)}
-            if allocation != "equalized":
-                options["varmin"] = varmin_sigmas(sens, group_sizes, budget)
-                if allocation == "varmin":
-                    options.pop("equalized")
+            names = ("equalized", "varmin") if allocation == "auto" else (allocation,)
+            options = {n: equalized_sigmas(sens, budget) if n == "equalized" else
+                       varmin_sigmas(sens, group_sizes, budget) for n in names}
             name = min(options, key=lambda k: total_variance(options[k], group_sizes) if group_sizes else 0.0)
             sig = options[name]
             tv = total_variance(sig, group_sizes) if group_sizes else None
