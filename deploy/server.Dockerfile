@@ -33,6 +33,7 @@ COPY common /tmp/pum-src/common
 COPY server /tmp/pum-src/server
 COPY client /tmp/pum-src/client
 COPY demo /tmp/pum-src/demo
+COPY evaluation /tmp/pum-src/evaluation
 RUN pip install /tmp/pum-src && rm -rf /tmp/pum-src
 
 COPY deploy/healthcheck.py /opt/pum/healthcheck.py

@@ -31,6 +31,7 @@ COPY common /tmp/pum-src/common
 COPY server /tmp/pum-src/server
 COPY client /tmp/pum-src/client
 COPY demo /tmp/pum-src/demo
+COPY evaluation /tmp/pum-src/evaluation
 RUN python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > /tmp/torch-constraint.txt \
     && pip install --constraint /tmp/torch-constraint.txt /tmp/pum-src \
     && python -c "import sys, torch; sys.exit(0 if torch.version.cuda else 'torch in the worker image lost its CUDA build')" \

@@ -1,0 +1,141 @@
+"""The TOFU benchmark and the two TOFU scripts, end to end on a small setting.
+
+The data is the real TOFU forget01 split (all 40 forget questions) with a trimmed retain set:
+TEST_SPEC models fine-tuned on all 4000 `full` pairs take minutes on a busy 2-core machine, on
+200 pairs a few seconds. Evaluation reads the first few records of each split (--max-items) and
+generates a few tokens; the PUM run goes through a real server and worker process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = Path(os.environ.get("PUM_TOFU_DATA") or REPO.parent / "shared" / "data" / "tofu")
+RETAIN_PAIRS = 160  # retain99 pairs kept: full = forget01 (40) + these
+EVAL_SPLITS = ("forget01_perturbed", "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed")
+
+pytestmark = pytest.mark.skipif(not (DATA / "forget01.json").is_file(), reason=f"no TOFU data in {DATA}")
+
+
+def _lines(path: Path, n: int | None = None) -> list[str]:
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][:n]
+
+
+def _write(path: Path, lines: list[str]) -> None:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def small_tofu(tmp_path_factory) -> Path:
+    """TOFU forget01 with 160 retain pairs: full, retain99, forget01(+perturbed), holdout, utility splits."""
+    out = tmp_path_factory.mktemp("tofu-small")
+    forget, retain = _lines(DATA / "forget01.json"), _lines(DATA / "retain99.json", RETAIN_PAIRS)
+    _write(out / "forget01.json", forget)
+    _write(out / "retain99.json", retain)
+    _write(out / "full.json", forget + retain)
+    _write(out / "holdout01.json", _lines(DATA / "holdout01.json"))
+    _write(out / "holdout10.json", _lines(DATA / "holdout01.json"))  # the model builder's tokenizer reads it
+    for name in EVAL_SPLITS:
+        _write(out / f"{name}.json", _lines(DATA / f"{name}.json", 40))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cpu_models(small_tofu, tmp_path_factory) -> tuple[Path, Path]:
+    """The TEST_SPEC target and retain99 models, built once into a cache the bench and the script share."""
+    import torch
+
+    from pum.evaluation.cpu_models import TEST_SPEC, build_tofu_models
+
+    torch.set_num_threads(1)
+    cache = tmp_path_factory.mktemp("tofu-cpu-cache")
+    build_tofu_models(small_tofu, cache, splits=("full", "retain99"), spec=TEST_SPEC, progress=False)
+    return small_tofu, cache
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable, **extra}
+
+
+@pytest.fixture(scope="module")
+def bench_out(cpu_models, tmp_path_factory) -> Path:
+    data, cache = cpu_models
+    out = tmp_path_factory.mktemp("bench") / "tofu"
+    cmd = [sys.executable, str(REPO / "bench" / "tofu_bench.py"), "--spec", "test", "--data", str(data),
+           "--cache-dir", str(cache), "--forget-split", "forget01", "--methods", "GradDiff", "--kappas", "0.01",
+           "--epochs", "2", "--lr", "1e-3", "--copies", "2", "--rounds", "1", "--workers", "1",
+           "--max-items", "6", "--max-new-tokens", "4", "--threads", "1", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return out
+
+
+def test_bench_writes_report_and_results(bench_out):
+    report = (bench_out / "report.md").read_text()
+    results = json.loads((bench_out / "results.json").read_text())
+    runs = results["runs"]
+    assert {"target", "retain", "baseline/GradDiff", "pum/GradDiff/k0.01"} <= set(runs)
+    for name, run in runs.items():
+        assert "error" not in run, (name, run["error"])
+        assert 0.0 <= run["summary"]["forget_quality"] <= 1.0, name
+        assert 0.0 <= run["summary"]["model_utility"] <= 1.0, name
+    assert runs["retain"]["summary"]["forget_quality"] == 1.0  # the retain model against itself
+    assert "| GradDiff |" in report and "PUM κ=0.01 FQ" in report
+    assert "| retain (reference) | 1 |" in report
+    assert "max_items = 6" in report
+
+
+def test_bench_reuses_results_and_skips_unknown_methods(bench_out, cpu_models):
+    """A second invocation keeps the runs already in results.json and names a method it cannot run."""
+    data, cache = cpu_models
+    cmd = [sys.executable, str(REPO / "bench" / "tofu_bench.py"), "--spec", "test", "--data", str(data),
+           "--cache-dir", str(cache), "--forget-split", "forget01", "--methods", "GradDiff", "NoSuchMethod",
+           "--kappas", "0.01", "--epochs", "2", "--lr", "1e-3", "--copies", "2", "--rounds", "1", "--workers", "1",
+           "--max-items", "6", "--max-new-tokens", "4", "--threads", "1", "--out", str(bench_out)]
+    before = json.loads((bench_out / "results.json").read_text())["runs"]
+    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = json.loads((bench_out / "results.json").read_text())
+    assert after["runs"] == before
+    assert "NoSuchMethod" in after["skipped"]
+    assert "Skipped: NoSuchMethod" in (bench_out / "report.md").read_text()
+
+
+def test_forget_quality_floor_is_marked():
+    spec = importlib.util.spec_from_file_location("tofu_bench", REPO / "bench" / "tofu_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    floor = {"forget_quality": 1.94e-119, "forget_quality_is_floor": True, "forget_quality_floor": 1.94e-119}
+    assert bench.format_fq(floor) == "≤1.9e-119 (floor)"
+    assert bench.format_fq({"forget_quality": 0.0123, "forget_quality_is_floor": False}) == "0.0123"
+    assert bench.format_fq({"forget_quality": 1.5e-7, "forget_quality_is_floor": False}) == "1.50e-07"
+    assert bench.format_fq({"forget_quality": None}) == "n/a"
+
+
+@pytest.mark.parametrize("script", ["tofu_unlearn.sh", "tofu_pum.sh", "tofu_common.sh"])
+def test_scripts_parse(script):
+    done = subprocess.run(["bash", "-n", str(REPO / "scripts" / script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_tofu_unlearn_script_end_to_end(cpu_models, tmp_path):
+    data, cache = cpu_models
+    out = tmp_path / "unlearned"
+    env = _env(DATA_DIR=str(data), PUM_CPU_SPEC="test", PUM_TOFU_CPU_CACHE=str(cache), FORGET_SPLIT="forget01",
+               PUM_INNER_HANDLER="GradAscent", PUM_LOCAL_EPOCHS="1", LR="1e-3", MAX_ITEMS="4", MAX_NEW_TOKENS="4",
+               THREADS="1", OUT_DIR=str(out), RETAIN_EVAL_DIR=str(tmp_path / "retain_eval"))
+    done = subprocess.run(["bash", str(REPO / "scripts" / "tofu_unlearn.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    summary = json.loads((out / "TOFU_SUMMARY.json").read_text())
+    assert summary["forget_split"] == "forget01" and summary["n_forget"] == 4
+    assert 0.0 <= summary["forget_quality"] <= 1.0
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
