@@ -67,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=None, help="TOFU JSON-lines folder (default $PUM_TOFU_DATA or ../shared/data/tofu)")
     p.add_argument("--model-dir", type=Path, default=None, help="target model (HF folder); default: the CPU model")
     p.add_argument("--retain-model-dir", type=Path, default=None, help="retain model (HF folder); default: the CPU model")
-    p.add_argument("--cache-dir", type=Path, default=Path(".cache/tofu-cpu"), help="CPU model cache")
+    p.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "tofu-cpu",
+                   help="CPU model cache (default .cache/tofu-cpu in the repo)")
     p.add_argument("--spec", choices=("default", "test"), default="default", help="CPU model spec: CpuModelSpec() or TEST_SPEC")
     p.add_argument("--epochs", type=float, default=None, help="baseline epoch budget = PUM local_epochs (CPU 5, real 10)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (CPU models 1e-4, real models 1e-5)")

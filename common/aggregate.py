@@ -4,7 +4,8 @@ With w_k = 1/α_k the server keeps S0 = Σ w_k and S1 = Σ w_k·Δ_k and, once a
 applies θ ← θ + η·S1/S0. Writing Δ_k ≈ g + J·α_k·ε⁰_k, the linear noise term becomes
 J·Σ_k ε⁰_k / S0 = 0 for zero-sum noise.
 
-S1 lives on disk, not in memory: each accepted delta produces a new S1 file from the previous
+Output files are server secrets (S1 reveals α through its weights, θ is the model): they are
+created 0600. S1 lives on disk, not in memory: each accepted delta produces a new S1 file from the previous
 one, tensor by tensor, so the server holds O(one tensor) whatever m and the model size are,
 and the previous file stays valid until the new one is committed (atomic acceptance).
 """
@@ -80,7 +81,7 @@ def accumulate_delta(
     sums = group_sum_squares(delta) if (clip_per_layer or clip_total) else {}
     scales = update_clip_scales(sums, clip_per_layer, clip_total) if sums else {}
     infos = [TensorInfo(i.name, "F32", i.shape) for i in delta.infos]
-    with SafetensorsFileWriter(out_path, infos) as writer:
+    with SafetensorsFileWriter(out_path, infos, private=True) as writer:
         for info in delta.infos:
             update = delta.read(info.name).to(torch.float32)
             if align is not None:
@@ -97,7 +98,7 @@ def apply_update(theta: SafetensorsFile, s1: SafetensorsFile, s0: float, eta: fl
     if s0 <= 0:
         raise ValueError(f"S0 must be positive (got {s0}): no copy was merged")
     infos = [TensorInfo(i.name, "F32", i.shape) for i in theta.infos]
-    with SafetensorsFileWriter(out_path, infos) as writer:
+    with SafetensorsFileWriter(out_path, infos, private=True) as writer:
         for info in theta.infos:
             merged = theta.read(info.name).to(torch.float32)
             writer.write(info.name, merged.add_(s1.read(info.name), alpha=eta / s0))

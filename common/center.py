@@ -4,7 +4,8 @@
     θ_ref ← β·θ_ref + (1 − β)·θ̃      after each round
     C_ℓ   = κ_c·Quantile_q({‖θ_ℓ^(j) − θ_base,ℓ‖₂}_j) over public reference models j (quantile policy)
 
-All work is file to file, one tensor at a time (float32 values, float64 sums).
+All work is file to file, one tensor at a time (float32 values, float64 sums); the outputs are
+server secrets and are created 0600.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def write_center(
     """θ̃ = θ_ref + clip_ℓ(θ − θ_ref) to `out`; returns each group's clip factor (1 = untouched)."""
     distances = group_distances(theta, reference)
     factors = {g: clip_scale(d, thresholds.get(g)) for g, d in distances.items()}
-    with SafetensorsFileWriter(out, [TensorInfo(i.name, "F32", i.shape) for i in theta.infos]) as writer:
+    with SafetensorsFileWriter(out, [TensorInfo(i.name, "F32", i.shape) for i in theta.infos], private=True) as writer:
         for info in theta.infos:
             ref = reference.read(info.name).float()
             step = theta.read(info.name).float().sub_(ref).mul_(factors[layer_group(info.name)])
@@ -84,6 +85,6 @@ def write_center(
 
 def write_reference_ema(reference: SafetensorsFile, center: SafetensorsFile, beta: float, out: Path) -> None:
     """θ_ref ← β·θ_ref + (1 − β)·θ̃ to `out`."""
-    with SafetensorsFileWriter(out, [TensorInfo(i.name, "F32", i.shape) for i in reference.infos]) as writer:
+    with SafetensorsFileWriter(out, [TensorInfo(i.name, "F32", i.shape) for i in reference.infos], private=True) as writer:
         for info in reference.infos:
             writer.write(info.name, reference.read(info.name).float().mul_(beta).add_(center.read(info.name), alpha=1 - beta))

@@ -435,13 +435,14 @@ class SafetensorsFile:
 class SafetensorsFileWriter:
     """Writes a file whose layout is fixed up front; tensors may be written in any order."""
 
-    def __init__(self, path: str | os.PathLike, infos: list[TensorInfo], metadata: dict[str, str] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, infos: list[TensorInfo], metadata: dict[str, str] | None = None,
+                 *, private: bool = False) -> None:
         self.path = os.fspath(path)
         header = build_header(infos, metadata)
         self._start, self._offsets = len(header), layout(infos)
         self._infos = {info.name: info for info in infos}
         self._unwritten = set(self._infos)
-        self._file = open(self.path, "wb")
+        self._file = _create(self.path, private)
         try:
             self._file.write(header)
             self._file.truncate(self._start + sum(info.nbytes for info in infos))
@@ -488,13 +489,20 @@ class SafetensorsFileWriter:
                 self.abort()
 
 
+def _create(path: str, private: bool):
+    """A new file opened for writing; `private` files are 0600 from the first byte (server secrets)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o666), "wb")
+
+
 def save_file_atomic(path: str | os.PathLike, infos: list[TensorInfo], tensors: Iterable[torch.Tensor],
-                     metadata: dict[str, str] | None = None) -> None:
+                     metadata: dict[str, str] | None = None, *, private: bool = False) -> None:
     """Stream the file into `path.tmp`, fsync it and rename it over `path`: readers see old or new."""
     path = os.fspath(path)
     temporary = f"{path}.tmp"
     try:
-        with open(temporary, "wb") as file:
+        with _create(temporary, private) as file:
             for chunk in stream_safetensors(infos, tensors, metadata):
                 file.write(chunk)
             file.flush()

@@ -69,7 +69,7 @@ def ingest_weights(model_dir: Path, out_path: Path, what: str) -> dict[str, str]
             others = sorted(set(located) - {i.name for i in floats})
             raise InvalidInput(f"model has non-float tensors PUM cannot perturb: {others[:5]}")
         infos = [TensorInfo(i.name, "F32", i.shape) for i in floats]
-        save_file_atomic(out_path, infos, (located[i.name][0].read(i.name).float() for i in infos))
+        save_file_atomic(out_path, infos, (located[i.name][0].read(i.name).float() for i in infos), private=True)
     finally:
         for shard in shards:
             shard.close()

@@ -134,7 +134,6 @@ def prepare_round(
         clipped = files.round_dir(round_) / "center.safetensors"
         with SafetensorsFile(files.theta(round_)) as theta, SafetensorsFile(files.theta_ref(round_)) as ref:
             write_center(theta, ref, clip_thresholds_for_round(clip_norms, settings, round_), clipped)
-        clipped.chmod(0o600)
     base = SafetensorsFile(files.base) if files.base.exists() else None
     try:
         with SafetensorsFile(files.theta(round_)) as theta:
@@ -171,8 +170,7 @@ def write_zbar(theta: SafetensorsFile, key: bytes, round_: int, m: int, path: Pa
     """z̄ per tensor for the round, so publishing a copy regenerates only its own z_k."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = (mean_base_noise(key, round_, m, i.name, i.shape) for i in theta.infos)
-    save_file_atomic(path, [TensorInfo(i.name, "F32", i.shape) for i in theta.infos], tensors)
-    path.chmod(0o600)
+    save_file_atomic(path, [TensorInfo(i.name, "F32", i.shape) for i in theta.infos], tensors, private=True)
 
 
 def copy_transform(files: JobFiles, key: bytes, settings: PumSettings, round_: int, k: int) -> CopyTransform | None:

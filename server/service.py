@@ -204,8 +204,8 @@ class JobService:
 
     def heartbeat(self, token: str, lease_id: str) -> dict:
         lease = self._live_lease(token, lease_id)
-        expires = self.clock() + self.settings.lease_ttl_s
-        self.store.extend_lease(lease.id, expires)
+        if not self.store.extend_lease(lease.id, self.clock() + self.settings.lease_ttl_s):
+            raise LeaseExpired(f"lease {lease.id} ended while renewing it: ask for a new lease")
         return {"lease_id": lease.id, "ttl_s": self.settings.lease_ttl_s}
 
     def release(self, token: str, lease_id: str, reason: str) -> None:
@@ -262,7 +262,7 @@ class JobService:
                 _check_finite(info.name, tensor)
                 writer.write(info.name, tensor)
 
-        writer = SafetensorsFileWriter(spool, layout)
+        writer = SafetensorsFileWriter(spool, layout, private=True)
         try:
             async for chunk in _idle_timeout(chunks, self.settings.upload_idle_timeout_s):
                 # parsing, checks and writes run off the event loop
@@ -273,6 +273,8 @@ class JobService:
             writer.abort()
             spool.unlink(missing_ok=True)
             raise
+        # the whole delta is in: renew the lease so a merge queued behind others does not outlive it
+        self.store.extend_lease(lease.id, self.clock() + self.settings.lease_ttl_s)
         return lease, spool
 
     def merge_delta(self, lease: Lease, spool: Path) -> dict:
@@ -287,7 +289,11 @@ class JobService:
                 s0, s1_path = R.merge_spooled(
                     files, self._key(job.id), settings, lease.round, lease.k, spool, rnd.s0, rnd.accepted
                 )
-                self.store.accept_copy(lease, s0, s1_path.name, self.clock())
+                try:
+                    self.store.accept_copy(lease, s0, s1_path.name, self.clock())
+                except LeaseExpired:
+                    s1_path.unlink(missing_ok=True)  # never committed: the round keeps its previous S1
+                    raise
                 if rnd.accepted:
                     files.s1(lease.round, rnd.accepted).unlink(missing_ok=True)
                 log.info("job %s round %d: accepted %s (%d/%d)", job.id, lease.round, lease.id, rnd.accepted + 1, settings.copies_m)

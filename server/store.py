@@ -9,6 +9,7 @@ round state, never half of one.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -16,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+
+from pum.common.errors import LeaseExpired
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -86,13 +89,18 @@ class Store:
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
+        # private before the first byte: SQLite creates the -wal and -shm files with the database's mode
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        path.chmod(0o600)
         self._lock = threading.RLock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
-        path.chmod(0o600)
+        for companion in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if companion.exists():  # made by an older version, or under another umask
+                companion.chmod(0o600)
 
     def close(self) -> None:
         with self._lock:
@@ -252,9 +260,13 @@ class Store:
             row = self._db.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
         return _lease(row) if row else None
 
-    def extend_lease(self, lease_id: str, expires_at: float) -> None:
+    def extend_lease(self, lease_id: str, expires_at: float) -> bool:
+        """Push an active lease's expiry; False when it is no longer active (nothing changed)."""
         with self.transaction() as db:
-            db.execute("UPDATE leases SET expires_at = ? WHERE id = ? AND state = 'active'", (expires_at, lease_id))
+            changed = db.execute(
+                "UPDATE leases SET expires_at = ? WHERE id = ? AND state = 'active'", (expires_at, lease_id)
+            ).rowcount
+        return changed == 1
 
     def release_lease(self, lease_id: str, failed: bool) -> None:
         """End an active lease early and put its copy back (a worker gave up or reported failure)."""
@@ -282,7 +294,7 @@ class Store:
                 (now, lease.job_id, lease.round, lease.k, lease.id),
             ).rowcount
             if changed != 1:
-                raise RuntimeError("copy is no longer held by this lease")  # caller checked under its lock
+                raise LeaseExpired(f"lease {lease.id} expired while its delta was merged: ask for a new lease")
             db.execute("UPDATE leases SET state = 'done' WHERE id = ?", (lease.id,))
             db.execute(
                 "UPDATE rounds SET s0 = ?, s1_file = ?, accepted = accepted + 1 WHERE job_id = ? AND round = ?",

@@ -19,6 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("PUM_TOFU_DATA") or REPO.parent / "shared" / "data" / "tofu")
+MAX_ITEMS = 4  # records of each split scored
 RETAIN_PAIRS = 160  # retain99 pairs kept: full = forget01 (40) + these
 EVAL_SPLITS = ("forget01_perturbed", "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed")
 
@@ -66,15 +67,31 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def bench_out(cpu_models, tmp_path_factory) -> Path:
+def tofu_bench():
+    """bench/tofu_bench.py as a module (bench/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("tofu_bench", REPO / "bench" / "tofu_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
+    return module
+
+
+def _bench_args(data: Path, cache: Path, out: Path, methods: tuple[str, ...]) -> list[str]:
+    return ["--spec", "test", "--data", str(data), "--cache-dir", str(cache), "--forget-split", "forget01",
+            "--methods", *methods, "--kappas", "0.01", "--epochs", "2", "--lr", "1e-3", "--copies", "2",
+            "--rounds", "1", "--workers", "1", "--max-items", str(MAX_ITEMS), "--max-new-tokens", "4",
+            "--threads", "1", "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def bench_out(tofu_bench, cpu_models, tmp_path_factory) -> Path:
+    """One benchmark: in this process (baseline, evaluations), PUM through real server and worker processes."""
     data, cache = cpu_models
     out = tmp_path_factory.mktemp("bench") / "tofu"
-    cmd = [sys.executable, str(REPO / "bench" / "tofu_bench.py"), "--spec", "test", "--data", str(data),
-           "--cache-dir", str(cache), "--forget-split", "forget01", "--methods", "GradDiff", "--kappas", "0.01",
-           "--epochs", "2", "--lr", "1e-3", "--copies", "2", "--rounds", "1", "--workers", "1",
-           "--max-items", "6", "--max-new-tokens", "4", "--threads", "1", "--out", str(out)]
-    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert tofu_bench.main(_bench_args(data, cache, out, ("GradDiff",))) == 0, (out / "logs")
     return out
 
 
@@ -87,37 +104,31 @@ def test_bench_writes_report_and_results(bench_out):
         assert "error" not in run, (name, run["error"])
         assert 0.0 <= run["summary"]["forget_quality"] <= 1.0, name
         assert 0.0 <= run["summary"]["model_utility"] <= 1.0, name
+        assert run["summary"]["n_forget"] == MAX_ITEMS
     assert runs["retain"]["summary"]["forget_quality"] == 1.0  # the retain model against itself
+    assert runs["pum/GradDiff/k0.01"]["unlearn_seconds"] > 0
     assert "| GradDiff |" in report and "PUM κ=0.01 FQ" in report
     assert "| retain (reference) | 1 |" in report
-    assert "max_items = 6" in report
+    assert f"max_items = {MAX_ITEMS}" in report
 
 
-def test_bench_reuses_results_and_skips_unknown_methods(bench_out, cpu_models):
+def test_bench_reuses_results_and_skips_unknown_methods(tofu_bench, bench_out, cpu_models):
     """A second invocation keeps the runs already in results.json and names a method it cannot run."""
     data, cache = cpu_models
-    cmd = [sys.executable, str(REPO / "bench" / "tofu_bench.py"), "--spec", "test", "--data", str(data),
-           "--cache-dir", str(cache), "--forget-split", "forget01", "--methods", "GradDiff", "NoSuchMethod",
-           "--kappas", "0.01", "--epochs", "2", "--lr", "1e-3", "--copies", "2", "--rounds", "1", "--workers", "1",
-           "--max-items", "6", "--max-new-tokens", "4", "--threads", "1", "--out", str(bench_out)]
     before = json.loads((bench_out / "results.json").read_text())["runs"]
-    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert tofu_bench.main(_bench_args(data, cache, bench_out, ("GradDiff", "NoSuchMethod"))) == 0
     after = json.loads((bench_out / "results.json").read_text())
     assert after["runs"] == before
     assert "NoSuchMethod" in after["skipped"]
     assert "Skipped: NoSuchMethod" in (bench_out / "report.md").read_text()
 
 
-def test_forget_quality_floor_is_marked():
-    spec = importlib.util.spec_from_file_location("tofu_bench", REPO / "bench" / "tofu_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_forget_quality_floor_is_marked(tofu_bench):
     floor = {"forget_quality": 1.94e-119, "forget_quality_is_floor": True, "forget_quality_floor": 1.94e-119}
-    assert bench.format_fq(floor) == "≤1.9e-119 (floor)"
-    assert bench.format_fq({"forget_quality": 0.0123, "forget_quality_is_floor": False}) == "0.0123"
-    assert bench.format_fq({"forget_quality": 1.5e-7, "forget_quality_is_floor": False}) == "1.50e-07"
-    assert bench.format_fq({"forget_quality": None}) == "n/a"
+    assert tofu_bench.format_fq(floor) == "≤1.9e-119 (floor)"
+    assert tofu_bench.format_fq({"forget_quality": 0.0123, "forget_quality_is_floor": False}) == "0.0123"
+    assert tofu_bench.format_fq({"forget_quality": 1.5e-7, "forget_quality_is_floor": False}) == "1.50e-07"
+    assert tofu_bench.format_fq({"forget_quality": None}) == "n/a"
 
 
 @pytest.mark.parametrize("script", ["tofu_unlearn.sh", "tofu_pum.sh", "tofu_common.sh"])
@@ -126,16 +137,17 @@ def test_scripts_parse(script):
     assert done.returncode == 0, done.stderr
 
 
-def test_tofu_unlearn_script_end_to_end(cpu_models, tmp_path):
+def test_tofu_unlearn_script_end_to_end(cpu_models, bench_out, tmp_path):
     data, cache = cpu_models
     out = tmp_path / "unlearned"
     env = _env(DATA_DIR=str(data), PUM_CPU_SPEC="test", PUM_TOFU_CPU_CACHE=str(cache), FORGET_SPLIT="forget01",
-               PUM_INNER_HANDLER="GradAscent", PUM_LOCAL_EPOCHS="1", LR="1e-3", MAX_ITEMS="4", MAX_NEW_TOKENS="4",
-               THREADS="1", OUT_DIR=str(out), RETAIN_EVAL_DIR=str(tmp_path / "retain_eval"))
+               PUM_INNER_HANDLER="GradAscent", PUM_LOCAL_EPOCHS="1", LR="1e-3", MAX_ITEMS=str(MAX_ITEMS),
+               MAX_NEW_TOKENS="4", THREADS="1", OUT_DIR=str(out),
+               RETAIN_EVAL_DIR=str(bench_out / "models" / "retain"))  # the bench's retain evaluation, reused
     done = subprocess.run(["bash", str(REPO / "scripts" / "tofu_unlearn.sh")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     summary = json.loads((out / "TOFU_SUMMARY.json").read_text())
-    assert summary["forget_split"] == "forget01" and summary["n_forget"] == 4
+    assert summary["forget_split"] == "forget01" and summary["n_forget"] == MAX_ITEMS
     assert 0.0 <= summary["forget_quality"] <= 1.0
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()

@@ -476,10 +476,6 @@ def umask_022():
     os.umask(previous)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server/store.py Store.__init__ creates state.db with the process umask (0644), switches to WAL and "
-    "runs the schema, then chmods only state.db: state.db-wal and state.db-shm stay 0644, and the WAL "
-    "holds the same rows (job specs with their seed, token hashes, lease ids)"))
 def test_sqlite_wal_and_shm_files_are_private(tiny_model_dir, server_factory, tmp_path, umask_022):
     server = server_factory(tmp_path)
     server.create_job(tiny_model_dir, {"copies_m": 2, "rounds_R": 1})
@@ -489,23 +485,20 @@ def test_sqlite_wal_and_shm_files_are_private(tiny_model_dir, server_factory, tm
     assert all(mode & 0o077 == 0 for mode in modes.values()), {n: oct(m) for n, m in modes.items()}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server/rounds.py write_zbar writes z̄ through save_file_atomic (open(...,'wb') under the umask, 0644) "
-    "and chmods it to 0600 only after the rename: until then z̄ (and its .tmp) is readable by group/other"))
 def test_zbar_is_never_readable_by_others_while_it_is_written(tiny_model_dir, server_factory, tmp_path, umask_022, monkeypatch):
     import pum.server.rounds as rounds
 
     seen: dict[str, int] = {}
     original = rounds.save_file_atomic
 
-    def watching(path, infos, tensors, metadata=None):
+    def watching(path, infos, tensors, metadata=None, **kwargs):
         def tensors_watched():
             for tensor in tensors:  # while the temporary file is being written
                 for p in Path(path).parent.glob(Path(path).name + "*"):
                     seen[p.name] = seen.get(p.name, 0) | stat.S_IMODE(p.stat().st_mode)
                 yield tensor
 
-        original(path, infos, tensors_watched(), metadata)
+        original(path, infos, tensors_watched(), metadata, **kwargs)
         seen[Path(path).name + " (renamed)"] = stat.S_IMODE(Path(path).stat().st_mode)
 
     monkeypatch.setattr(rounds, "save_file_atomic", watching)
