@@ -386,6 +386,8 @@ def format_fq(summary: dict | None) -> str:
     if summary.get("forget_quality_is_floor"):
         return f"≤{summary['forget_quality_floor']:.2g} (floor)"
     value = summary["forget_quality"]
+    if value == 1.0:
+        return "1.0"
     return f"{value:.3g}" if value >= 1e-3 else f"{value:.2e}"
 
 
@@ -448,6 +450,10 @@ def detail_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def total_seconds(results: dict) -> float:
+    return sum((e.get("unlearn_seconds") or 0) + (e.get("eval_seconds") or 0) for e in results["runs"].values())
+
+
 def write_report(bench: Bench, wall_s: float, argv: list[str], plotted: bool) -> str:
     a, results, cfg = bench.args, bench.results, bench.results["config"]
     n_forget = next((e["summary"]["n_forget"] for e in results["runs"].values() if "summary" in e), "?")
@@ -455,8 +461,10 @@ def write_report(bench: Bench, wall_s: float, argv: list[str], plotted: bool) ->
         f"# TOFU {a.forget_split}: baseline vs PUM",
         "",
         f"Command: `python bench/tofu_bench.py {shlex.join(argv)}`  ",
-        f"Finished {datetime.datetime.now():%Y-%m-%d %H:%M}; this invocation took {wall_s / 60:.1f} min "
-        f"(runs in results.json from earlier invocations are included).",
+        f"Finished {datetime.datetime.now():%Y-%m-%d %H:%M}; this invocation took {wall_s / 60:.1f} min; the "
+        f"{len(results['runs'])} runs in the report took {total_seconds(results) / 60:.1f} min of unlearning and "
+        "evaluation in all (runs from earlier invocations under the same settings are included; model building "
+        "not counted).",
         "",
         "FQ = forget quality (KS p-value of forget truth ratios against the retain model; higher is better, "
         "1.0 = indistinguishable; \"≤x (floor)\" = fully separated samples, a bound, not a measurement), "
@@ -474,14 +482,14 @@ def write_report(bench: Bench, wall_s: float, argv: list[str], plotted: bool) ->
         "methods at their registry defaults otherwise.",
         f"- PUM: m = {a.copies} copies, R = {a.rounds} rounds ({a.epochs / a.rounds:g} epochs per copy and round), "
         f"α ∈ [{a.alpha_min:g}, {a.alpha_max:g}], τ = {a.jitter_tau:g}, zero-sum relative noise σ_ℓ = κ·RMS(θ_ℓ), "
-        f"{a.workers} worker processes and one `pum server` process on loopback.",
+        f"{a.workers} `pum worker` process(es) and one `pum server` process on loopback.",
         f"- Evaluation: greedy generation capped at {a.max_new_tokens} new tokens"
         + (" (DESIGN.md says 200; cut to keep CPU evaluation short: ROUGE and so model utility depend on it, "
            "truth ratios and forget quality do not)" if a.max_new_tokens < 200 else "")
         + (f"; max_items = {a.max_items} (a smoke run, not the benchmark)" if a.max_items else "") + ".",
     ]
     if results.get("skipped"):
-        parts.append("- Skipped: " + "; ".join(f"{m} ({why})" for m, why in results["skipped"].items()))
+        parts.append("- Skipped: " + "; ".join(f"{m}: {why}" for m, why in results["skipped"].items()) + ".")
     parts += ["", "## Every run", "", detail_table(results), ""]
     if plotted:
         parts += ["![forget quality vs model utility](forget_quality_vs_utility.png)", ""]
@@ -561,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
             methods.append(method)
             bench.results["skipped"].pop(method, None)
         except ValueError:
-            why = f"not in the method registry yet (registered: {', '.join(available_methods())})"
+            why = f"not in the method registry yet; registered: {', '.join(available_methods())}"
             log.warning("skipping %s: %s", method, why)
             bench.results["skipped"][method] = why
     try:

@@ -83,8 +83,9 @@ PORT="${PUM_SERVER_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.b
 SERVER_URL="http://127.0.0.1:$PORT"
 started=$SECONDS
 log "server on $SERVER_URL (log: $OUT_DIR/logs/server.log)"
-pum server --host 127.0.0.1 --port "$PORT" --state-dir "$SERVER_DIR/state" --saves-dir "$SERVER_DIR/saves" \
-  > "$OUT_DIR/logs/server.log" 2>&1 &
+# Started as "$PYTHON" itself (not through the pum function), so that $! is the server's pid.
+"$PYTHON" -m pum.cli server --host 127.0.0.1 --port "$PORT" --state-dir "$SERVER_DIR/state" \
+  --saves-dir "$SERVER_DIR/saves" > "$OUT_DIR/logs/server.log" 2>&1 &
 PIDS+=($!)
 SERVER_PID=$!
 "$PYTHON" - "$SERVER_URL" "$SERVER_PID" << 'EOF' || die "the server did not start; see $OUT_DIR/logs/server.log"

@@ -21,6 +21,18 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 
+class ErrorBody(BaseModel):
+    detail: str = Field(description="what is wrong and what to change")
+
+
+ERRORS = {
+    400: "invalid input", 401: "missing or unknown token", 403: "a token without the right role",
+    404: "no such job, lease or file", 408: "the upload stalled", 409: "the state does not allow it",
+    410: "the lease expired or ended", 413: "the upload is larger than the model's delta",
+    416: "a Range outside the copy",
+}
+
+
 class JobCreate(BaseModel):
     task: str = Field(description="task name; the merged model goes to saves/unlearn/<task>/")
     model_dir: str = Field(description="Hugging Face model folder on the server (safetensors)")
@@ -52,7 +64,10 @@ def job_summary(job) -> dict:
 
 def create_app(settings: ServerSettings, service: JobService | None = None) -> FastAPI:
     """The FastAPI application over a state folder (or a given service, for tests)."""
-    app = FastAPI(title="PUM server", version="0.1.0", description="Perturb–Unlearn–Merge federated unlearning")
+    app = FastAPI(
+        title="PUM server", version="0.1.0", description="Perturb–Unlearn–Merge federated unlearning",
+        responses={code: {"model": ErrorBody, "description": text} for code, text in ERRORS.items()},
+    )
     app.state.service = service or JobService(Store(settings.state_dir / "state.db"), settings)
 
     @app.exception_handler(PumError)

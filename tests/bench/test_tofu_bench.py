@@ -108,7 +108,7 @@ def test_bench_writes_report_and_results(bench_out):
     assert runs["retain"]["summary"]["forget_quality"] == 1.0  # the retain model against itself
     assert runs["pum/GradDiff/k0.01"]["unlearn_seconds"] > 0
     assert "| GradDiff |" in report and "PUM κ=0.01 FQ" in report
-    assert "| retain (reference) | 1 |" in report
+    assert "| retain (reference) | 1.0 |" in report
     assert f"max_items = {MAX_ITEMS}" in report
 
 
@@ -120,7 +120,7 @@ def test_bench_reuses_results_and_skips_unknown_methods(tofu_bench, bench_out, c
     after = json.loads((bench_out / "results.json").read_text())
     assert after["runs"] == before
     assert "NoSuchMethod" in after["skipped"]
-    assert "Skipped: NoSuchMethod" in (bench_out / "report.md").read_text()
+    assert "Skipped: NoSuchMethod: not in the method registry" in (bench_out / "report.md").read_text()
 
 
 def test_forget_quality_floor_is_marked(tofu_bench):
@@ -129,6 +129,7 @@ def test_forget_quality_floor_is_marked(tofu_bench):
     assert tofu_bench.format_fq({"forget_quality": 0.0123, "forget_quality_is_floor": False}) == "0.0123"
     assert tofu_bench.format_fq({"forget_quality": 1.5e-7, "forget_quality_is_floor": False}) == "1.50e-07"
     assert tofu_bench.format_fq({"forget_quality": None}) == "n/a"
+    assert tofu_bench.format_fq({"forget_quality": 1.0, "forget_quality_is_floor": False}) == "1.0"
 
 
 @pytest.mark.parametrize("script", ["tofu_unlearn.sh", "tofu_pum.sh", "tofu_common.sh"])
@@ -137,16 +138,31 @@ def test_scripts_parse(script):
     assert done.returncode == 0, done.stderr
 
 
-def test_tofu_unlearn_script_end_to_end(cpu_models, bench_out, tmp_path):
+def test_print_models_gives_shell_assignments(tofu_bench, cpu_models, capsys):
+    """What the scripts eval when MODEL_DIR is not set: the cached CPU models' folders."""
     data, cache = cpu_models
+    assert tofu_bench.main(["--print-models", "--spec", "test", "--data", str(data), "--cache-dir", str(cache),
+                            "--forget-split", "forget01", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("=", 1)[0] for line in lines] == ["MODEL_DIR", "RETAIN_MODEL_DIR"]
+    target, retain = (Path(line.split("=", 1)[1]) for line in lines)
+    assert target.name == "full" and retain.name == "retain99" and (target / "config.json").is_file()
+
+
+def test_tofu_unlearn_script_end_to_end(tofu_bench, cpu_models, bench_out, tmp_path):
+    """`pum unlearn` then `pum eval` through the script (models given: each extra process costs ~15 s here)."""
+    data, cache = cpu_models
+    target, retain = tofu_bench.resolve_models(tofu_bench.parse_args(
+        ["--spec", "test", "--data", str(data), "--cache-dir", str(cache), "--forget-split", "forget01"]))[:2]
     out = tmp_path / "unlearned"
-    env = _env(DATA_DIR=str(data), PUM_CPU_SPEC="test", PUM_TOFU_CPU_CACHE=str(cache), FORGET_SPLIT="forget01",
+    env = _env(DATA_DIR=str(data), MODEL_DIR=str(target), RETAIN_MODEL_DIR=str(retain), FORGET_SPLIT="forget01",
                PUM_INNER_HANDLER="GradAscent", PUM_LOCAL_EPOCHS="1", LR="1e-3", MAX_ITEMS=str(MAX_ITEMS),
                MAX_NEW_TOKENS="4", THREADS="1", OUT_DIR=str(out),
                RETAIN_EVAL_DIR=str(bench_out / "models" / "retain"))  # the bench's retain evaluation, reused
     done = subprocess.run(["bash", str(REPO / "scripts" / "tofu_unlearn.sh")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "reusing the retain model's evaluation" in done.stderr
     summary = json.loads((out / "TOFU_SUMMARY.json").read_text())
     assert summary["forget_split"] == "forget01" and summary["n_forget"] == MAX_ITEMS
     assert 0.0 <= summary["forget_quality"] <= 1.0

@@ -16,7 +16,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import httpx
-import pytest
 import torch
 from safetensors.torch import load, load_file, save
 

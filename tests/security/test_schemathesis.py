@@ -7,11 +7,13 @@ number of examples per run, derandomized so CI sees the same requests every time
 PUM_FUZZ_RANDOM=1 to explore new ones. No request may end in a 5xx, and every documented
 response must match its schema.
 
-The same against a running server (`pum server --dev`) from the command line:
+The same against a running server (`pum server --dev`: admin calls need no token) from the
+command line, admin operations, then worker operations with a worker token of a started job:
 
-    schemathesis run http://127.0.0.1:8000/openapi.json --max-examples 25 \
-        --checks not_a_server_error,response_schema_conformance,content_type_conformance \
-        --header "Authorization: Bearer $TOKEN"
+    CHECKS=not_a_server_error,response_schema_conformance,content_type_conformance,response_headers_conformance
+    schemathesis run http://127.0.0.1:8000/openapi.json -n 25 --checks $CHECKS --exclude-path-regex '^/v1/work'
+    schemathesis run http://127.0.0.1:8000/openapi.json -n 25 --checks $CHECKS --include-path-regex '^/v1/work' \
+        -H "Authorization: Bearer $WORKER_TOKEN"
 """
 
 from __future__ import annotations
