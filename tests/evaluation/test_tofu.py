@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ from pum.evaluation.data import load_tofu
 from pum.evaluation.summary import UTILITY_COMPONENTS, summarise
 from pum.evaluation.tofu import EVAL_FILE, SUMMARY_FILE, EvalOptions, evaluate, evaluate_model, reference_eval
 
-REAL_TOFU = Path("/work/shared/data/tofu")
+# the benchmark data sits in shared/ beside the repository (PUM_TOFU_DATA overrides)
+REAL_TOFU = Path(os.environ.get("PUM_TOFU_DATA") or Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tofu")
 FAST = dict(max_new_tokens=32, progress=False)
 SUMMARY_KEYS = {"forget_quality", "forget_quality_is_floor", "forget_quality_floor", "forget_truth_ratio",
                 "forget_Q_A_Prob", "forget_Q_A_ROUGE", "model_utility", "model_utility_partial",
