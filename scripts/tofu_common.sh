@@ -1,9 +1,32 @@
 # Shared by scripts/tofu_unlearn.sh and scripts/tofu_pum.sh (sourced, not run): the environment
 # knobs both read, the CPU models when no MODEL_DIR is given, and the evaluation step.
-# Expects REPO_DIR; defines pum, log, die, run_eval and the variables listed in the two scripts.
+# Expects REPO_DIR; defines pum, log, die, fg_run, run_eval, the cleanup trap and the variables
+# listed in the two scripts.
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 2; }
+
+# Processes this script started; the EXIT trap ends them (by pid), whatever ends the script.
+PIDS=()
+cleanup() {
+  local status=$?
+  trap - EXIT
+  for pid in "${PIDS[@]}"; do kill "$pid" 2> /dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2> /dev/null || true; done
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+# fg_run CMD...: run CMD (an executable, not a shell function: $! must be its pid) and wait for it.
+# Bash runs a trap only after a foreground command returns; `wait` returns at once on a signal,
+# so a TERM or Ctrl-C cleans up at once rather than after an hour-long job.
+fg_run() {
+  "$@" &
+  local pid=$!
+  PIDS+=("$pid")
+  wait "$pid"
+}
 
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$REPO_DIR/.venv/bin/python" ]]; then PYTHON="$REPO_DIR/.venv/bin/python"; else PYTHON=python3; fi
@@ -68,5 +91,5 @@ run_eval() {
   [[ -n "${MAX_ITEMS:-}" ]] && eval_args+=(--max-items "$MAX_ITEMS")
   [[ -n "${DEVICE:-}" ]] && eval_args+=(--device "$DEVICE")
   log "evaluating $1 on $FORGET_SPLIT (max $MAX_NEW_TOKENS new tokens)"
-  pum eval "${eval_args[@]}"
+  fg_run "$PYTHON" -m pum.cli eval "${eval_args[@]}"
 }

@@ -59,21 +59,6 @@ SERVER_DIR="$OUT_DIR/server"
 rm -rf "$SERVER_DIR"  # a fresh job state for every run of this script
 mkdir -p "$SERVER_DIR"
 
-PIDS=()
-cleanup() {
-  local status=$?
-  for pid in "${PIDS[@]}"; do
-    kill "$pid" 2> /dev/null || true
-  done
-  for pid in "${PIDS[@]}"; do
-    wait "$pid" 2> /dev/null || true
-  done
-  exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
 # ---- server (model owner)
 if [[ -z "${PUM_ADMIN_TOKEN:-}" ]]; then
   PUM_ADMIN_TOKEN="$("$PYTHON" -c 'import secrets; print(secrets.token_urlsafe(32))')"
@@ -153,9 +138,11 @@ done
 
 admin start "$JOB_ID" > /dev/null
 log "started $JOB_ID; waiting (at most $JOB_TIMEOUT s)"
-STATE="$(admin wait "$JOB_ID" --timeout "$JOB_TIMEOUT" | json_field state)"
-[[ "$STATE" == finalized ]] || die "job $JOB_ID ended $STATE; see $OUT_DIR/logs/"
-admin download "$JOB_ID" "$OUT_DIR" > /dev/null
+fg_run "$PYTHON" -m pum.cli --log-level WARNING admin --server "$SERVER_URL" wait "$JOB_ID" --timeout "$JOB_TIMEOUT" \
+  > "$OUT_DIR/logs/job_status.json"
+STATE="$(json_field state < "$OUT_DIR/logs/job_status.json")"
+[[ "$STATE" == finalized ]] || die "job $JOB_ID ended $STATE; see $OUT_DIR/logs/ and $OUT_DIR/logs/job_status.json"
+fg_run "$PYTHON" -m pum.cli --log-level WARNING admin --server "$SERVER_URL" download "$JOB_ID" "$OUT_DIR" > /dev/null
 log "merged model in $OUT_DIR ($((SECONDS - started)) s)"
 
 run_eval "$OUT_DIR"

@@ -39,9 +39,9 @@ log "epochs $PUM_LOCAL_EPOCHS, hyperparams $TRAIN_HYPERPARAMS"
 started=$SECONDS
 unlearn_args=("$MODEL_DIR" --forget "$DATA_DIR/$FORGET_SPLIT.json" --retain "$DATA_DIR/$RETAIN_SPLIT.json"
   --out "$OUT_DIR" --method "$PUM_INNER_HANDLER" --epochs "$PUM_LOCAL_EPOCHS" --hyperparams "$TRAIN_HYPERPARAMS")
-[[ -n "${DEVICE:-}" ]] && unlearn_args+=(--device "$DEVICE")
-[[ -n "${THREADS:-}" ]] && unlearn_args+=(--threads "$THREADS")
-pum unlearn "${unlearn_args[@]}"
+if [[ -n "${DEVICE:-}" ]]; then unlearn_args+=(--device "$DEVICE"); fi
+if [[ -n "${THREADS:-}" ]]; then unlearn_args+=(--threads "$THREADS"); fi
+fg_run "$PYTHON" -m pum.cli unlearn "${unlearn_args[@]}"
 log "unlearned in $((SECONDS - started)) s"
 
 run_eval "$OUT_DIR"

@@ -183,10 +183,9 @@ class JobService:
         if job.state != "running":
             return {"status": "wait", "retry_after_s": 2.0, "job_state": job.state}
         settings = self._settings(job)
-        now = self.clock()
-        self._expire(now)
+        self._expire(self.clock())
         lease = self.store.grant_lease(
-            "lease-" + secrets.token_urlsafe(16), job_id, job.round, token_hash, now,
+            "lease-" + secrets.token_urlsafe(16), job_id, job.round, token_hash, self.clock,
             self.settings.lease_ttl_s, settings.per_token_copy_cap,
         )
         if lease is None:

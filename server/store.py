@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from pum.common.errors import LeaseExpired
 
@@ -223,13 +223,16 @@ class Store:
         return [_lease(r) for r in rows]
 
     def grant_lease(
-        self, lease_id: str, job_id: str, round_: int, token_hash: str, now: float, ttl: float, cap: int | None
+        self, lease_id: str, job_id: str, round_: int, token_hash: str, clock: Callable[[], float], ttl: float,
+        cap: int | None,
     ) -> Lease | None:
         """Lease the lowest pending copy of the round to `token_hash`, or None if none is free.
 
-        `cap` limits how many distinct copies of one round a token may ever receive.
+        `cap` limits how many distinct copies of one round a token may ever receive. The clock is
+        read inside the transaction, so a lease granted after waiting for the lock gets its full TTL.
         """
         with self.transaction() as db:
+            now = clock()
             if cap is not None:
                 held = db.execute(
                     "SELECT COUNT(DISTINCT k) FROM leases WHERE job_id = ? AND round = ? AND token_hash = ?",

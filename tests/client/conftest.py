@@ -83,3 +83,12 @@ def make_model(tokenizer):
 @pytest.fixture
 def model(make_model) -> LlamaForCausalLM:
     return make_model(0)
+
+
+@pytest.fixture
+def model_dir(tmp_path, make_model, tokenizer):
+    """The tiny model with its tokenizer in Hugging Face format, as a server would load it."""
+    path = tmp_path / "model"
+    make_model(0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -11,14 +11,6 @@ from pum.client.api import WorkerAPI
 from pum.client.worker import Worker, WorkerOptions
 
 
-@pytest.fixture
-def model_dir(tmp_path, make_model, tokenizer):
-    path = tmp_path / "model"
-    make_model(0).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def merged_model(server, model_dir, forget, retain, tmp_path, reparam: bool, optimizer: str) -> dict[str, torch.Tensor]:
     pum = {"copies_m": 2, "rounds_R": 2, "inner_handler": "GradDiff", "local_max_steps": 3, "noise_kappa": 0.01,
            "use_orthogonal_reparam": reparam}

@@ -11,14 +11,6 @@ from pum.client.api import WorkerAPI
 from pum.client.worker import Worker, WorkerOptions
 
 
-@pytest.fixture
-def model_dir(tmp_path, make_model, tokenizer):
-    path = tmp_path / "model"
-    make_model(0).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def run_worker(server, job, forget, retain, tmp_path, **options) -> Worker:
     api = WorkerAPI(server.worker(server.token(job)))
     worker = Worker(api, forget, retain, WorkerOptions(saves_dir=tmp_path / "saves", progress=False, **options),
