@@ -55,8 +55,8 @@ class WorkerAPI:
         """Stream the copy to `dest`; a cut connection resumes where it stopped (HTTP Range)."""
         dest.write_bytes(b"")
         total: int | None = None
+        received = 0  # counted, not stat'ed: dest may be a device such as /dev/null
         for attempt in range(self.retries):
-            received = dest.stat().st_size
             headers = {"Range": f"bytes={received}-"} if received else {}
             try:
                 with self.http.stream("GET", f"/v1/work/leases/{lease_id}/copy", headers=headers) as response:
@@ -68,6 +68,7 @@ class WorkerAPI:
                     with dest.open("ab") as f:
                         for chunk in response.iter_bytes():  # as received: nothing buffered is lost on a cut
                             f.write(chunk)
+                            received += len(chunk)
                             if progress:
                                 progress(len(chunk))
             except httpx.TransportError:
@@ -75,9 +76,9 @@ class WorkerAPI:
                     raise
                 self.sleep(self.backoff_s * 2**attempt)
                 continue
-            if dest.stat().st_size == total:
+            if received == total:
                 return dest
-        raise InvalidInput(f"copy download stopped at {dest.stat().st_size} of {total} bytes after {self.retries} tries")
+        raise InvalidInput(f"copy download stopped at {received} of {total} bytes after {self.retries} tries")
 
     def upload_delta(self, lease_id: str, path: Path, progress: Callable[[int], None] | None = None) -> dict:
         """PUT the delta file; transport failures are retried with exponential backoff."""

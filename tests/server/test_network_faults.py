@@ -88,3 +88,14 @@ def test_a_stalled_upload_times_out_and_changes_nothing(tmp_path, tiny_model_dir
     rnd = server.service.store.round(job, 1)
     assert (rnd.accepted, rnd.s0, rnd.s1_file) == (0, 0.0, None)
     assert worker.put(f"/v1/work/leases/{lease}/delta", content=body).status_code == 200  # the lease lives on
+
+
+def test_a_copy_can_be_streamed_to_a_device(server, tiny_model_dir):
+    """Counting received bytes, not the file's size, lets a benchmark discard the copy in /dev/null."""
+    import os
+    from pathlib import Path
+
+    _, _, worker, lease = leased(server, tiny_model_dir)
+    counted = []
+    assert WorkerAPI(worker).download_copy(lease, Path(os.devnull), counted.append) == Path(os.devnull)
+    assert sum(counted) == len(worker.get(f"/v1/work/leases/{lease}/copy").content)
