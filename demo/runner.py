@@ -16,7 +16,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 
 from pum.client.admin import AdminAPI
 from pum.client.cli import http_client

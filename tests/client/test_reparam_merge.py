@@ -3,7 +3,6 @@ job with it off (same seeds): T_k commutes with SGD and the server inverts it (D
 
 from __future__ import annotations
 
-import pytest
 import torch
 from safetensors.torch import load_file
 

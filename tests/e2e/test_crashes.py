@@ -10,7 +10,6 @@ import time
 
 import httpx
 import pytest
-import torch
 from safetensors.torch import load, save
 
 from pum.client.admin import AdminAPI
