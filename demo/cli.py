@@ -20,6 +20,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--epochs", type=float, default=defaults.epochs)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--workers", type=int, default=defaults.workers)
+    parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads of the demo process")
     parser.set_defaults(run=run)
 
 
@@ -29,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     options = DemoOptions(
         out_dir=args.out_dir, cache_dir=args.cache_dir, method=args.method, copies_m=args.copies,
         rounds_R=args.rounds, noise_kappa=args.kappa, epochs=args.epochs, lr=args.lr, workers=args.workers,
+        threads=args.threads,
     )
     summary = run_demo(options)
     print(format_table(summary))

@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 
 from pum.client.admin import AdminAPI
 from pum.client.cli import http_client
@@ -44,6 +45,9 @@ class DemoOptions:
     retain_split: str = "retain90"
     eval_retain_pairs: int = 400  # retain pairs scored (a spread sample), to keep evaluation short
     seed: int = 0
+    # torch threads in this process (the workers take one each). One thread: with any other busy
+    # process on the machine, two OpenMP threads per process make a step 10–40× slower (CPU-NOTES.md).
+    threads: int = 1
 
 
 def spread_sample(pairs: list[QAPair], n: int) -> list[QAPair]:
@@ -111,7 +115,8 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    assets = build_or_load(options.cache_dir, threads=None)
+    torch.set_num_threads(options.threads)
+    assets = build_or_load(options.cache_dir, threads=options.threads)
     timings["assets"] = time.perf_counter() - started
     tokenizer = assets.load_tokenizer()
     forget, retain = assets.pairs(options.forget_split), assets.pairs(options.retain_split)
