@@ -119,6 +119,7 @@ JOB_ID="$(admin create "$JOB_FILE" | json_field id)"
 log "created $JOB_ID"
 
 # ---- workers (data owner): one token each, CUDA_VISIBLE_DEVICES per worker when there are GPUs
+WORKER_PIDS=()
 for ((i = 0; i < N_WORKERS; i++)); do
   token="$(admin token "$JOB_ID" --label "worker$i" | json_field token)"
   worker_env=(PUM_WORKER_TOKEN="$token" OMP_NUM_THREADS="$WORKER_THREADS")
@@ -133,13 +134,29 @@ for ((i = 0; i < N_WORKERS; i++)); do
   fi
   env "${worker_env[@]}" "$PYTHON" -m pum.cli worker "${worker_args[@]}" > "$OUT_DIR/logs/worker$i.log" 2>&1 &
   PIDS+=($!)
+  WORKER_PIDS+=($!)
   log "worker $i on $where (log: $OUT_DIR/logs/worker$i.log)"
 done
 
 admin start "$JOB_ID" > /dev/null
 log "started $JOB_ID; waiting (at most $JOB_TIMEOUT s)"
-fg_run "$PYTHON" -m pum.cli --log-level WARNING admin --server "$SERVER_URL" wait "$JOB_ID" --timeout "$JOB_TIMEOUT" \
-  > "$OUT_DIR/logs/job_status.json"
+# `pum admin wait` in the background, watched: a job whose workers have all exited never ends.
+"$PYTHON" -m pum.cli --log-level WARNING admin --server "$SERVER_URL" wait "$JOB_ID" --timeout "$JOB_TIMEOUT" \
+  > "$OUT_DIR/logs/job_status.json" &
+WAIT_PID=$!
+PIDS+=("$WAIT_PID")
+while kill -0 "$WAIT_PID" 2> /dev/null; do
+  alive=0
+  for pid in "${WORKER_PIDS[@]}"; do
+    if kill -0 "$pid" 2> /dev/null; then alive=1; fi
+  done
+  if ((alive == 0)); then
+    sleep 15  # workers also exit when the job is finalized: give the wait time to see it
+    if kill -0 "$WAIT_PID" 2> /dev/null; then die "every worker exited before $JOB_ID finished; see $OUT_DIR/logs/worker*.log"; fi
+  fi
+  sleep 2
+done
+wait "$WAIT_PID"
 STATE="$(json_field state < "$OUT_DIR/logs/job_status.json")"
 [[ "$STATE" == finalized ]] || die "job $JOB_ID ended $STATE; see $OUT_DIR/logs/ and $OUT_DIR/logs/job_status.json"
 fg_run "$PYTHON" -m pum.cli --log-level WARNING admin --server "$SERVER_URL" download "$JOB_ID" "$OUT_DIR" > /dev/null

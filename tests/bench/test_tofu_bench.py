@@ -3,7 +3,8 @@
 The data is the real TOFU forget01 split (all 40 forget questions) with a trimmed retain set:
 TEST_SPEC models fine-tuned on all 4000 `full` pairs take minutes on a busy 2-core machine, on
 200 pairs a few seconds. Evaluation reads the first few records of each split (--max-items) and
-generates a few tokens; the PUM run goes through a real server and worker process.
+generates a few tokens; the PUM run goes through a real server and worker process (those tests
+are marked e2e, like tests/e2e/: `make test-fast` leaves them out).
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def bench_out(tofu_bench, cpu_models, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.e2e
 def test_bench_writes_report_and_results(bench_out):
     report = (bench_out / "report.md").read_text()
     results = json.loads((bench_out / "results.json").read_text())
@@ -112,6 +114,7 @@ def test_bench_writes_report_and_results(bench_out):
     assert f"max_items = {MAX_ITEMS}" in report
 
 
+@pytest.mark.e2e
 def test_bench_reuses_results_and_skips_unknown_methods(tofu_bench, bench_out, cpu_models):
     """A second invocation keeps the runs already in results.json and names a method it cannot run."""
     data, cache = cpu_models
@@ -149,6 +152,7 @@ def test_print_models_gives_shell_assignments(tofu_bench, cpu_models, capsys):
     assert target.name == "full" and retain.name == "retain99" and (target / "config.json").is_file()
 
 
+@pytest.mark.e2e
 def test_tofu_unlearn_script_end_to_end(tofu_bench, cpu_models, bench_out, tmp_path):
     """`pum unlearn` then `pum eval` through the script (models given: each extra process costs ~15 s here)."""
     data, cache = cpu_models
