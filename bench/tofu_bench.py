@@ -48,9 +48,12 @@ RETAIN_OF = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain
 # greedy generation is the slow part of a CPU evaluation: 32 new tokens instead of 200.
 CPU_DEFAULTS = {"lr": 1e-4, "epochs": 5.0, "max_new_tokens": 32}
 REAL_DEFAULTS = {"lr": 1e-5, "epochs": 10.0, "max_new_tokens": 200}  # TOFU parity (DESIGN.md §6–7)
+UTILITY_COMPONENTS = ("retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio", "ra_Q_A_Prob_normalised",
+                      "ra_Q_A_ROUGE", "ra_Truth_Ratio", "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio")
+RETAIN_COMPONENTS = UTILITY_COMPONENTS[:3]
 HEADLINE = ("forget_quality", "forget_quality_is_floor", "forget_quality_floor", "forget_truth_ratio",
-            "forget_Q_A_Prob", "forget_Q_A_ROUGE", "model_utility", "model_utility_partial", "privleak",
-            "extraction_strength", "n_forget", "n_holdout", "notes")
+            "forget_Q_A_Prob", "forget_Q_A_ROUGE", "model_utility", "model_utility_partial", "model_utility_missing",
+            *UTILITY_COMPONENTS, "privleak", "extraction_strength", "n_forget", "n_holdout", "notes")
 MODEL_FILES = (".safetensors", ".bin", ".pt")
 
 
@@ -94,6 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-models", action="store_true", help="keep the unlearned weights (default: metrics only)")
     p.add_argument("--force", action="store_true", help="redo runs already in results.json")
     p.add_argument("--out", type=Path, default=Path("saves/bench/tofu"), help="report folder")
+    p.add_argument("--report-only", action="store_true", help="rewrite report.md and the plot from results.json, run nothing")
     p.add_argument("--print-models", action="store_true", help="build/locate the models, print MODEL_DIR= and RETAIN_MODEL_DIR=, exit")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
@@ -380,6 +384,42 @@ class Bench:
 # ---------------------------------------------------------------- report
 
 
+def folder_of(run: str) -> str:
+    """models/<folder> of a run: retain, target, baseline_<method>, pum_<method>_k<κ>."""
+    return run.replace("/", "_")
+
+
+def backfill(results: dict, out: Path) -> None:
+    """Summary keys a run recorded by an older version of this script lacks, from its TOFU_SUMMARY.json."""
+    for run, entry in results["runs"].items():
+        summary = entry.get("summary")
+        if summary is None or all(k in summary for k in HEADLINE):
+            continue
+        path = out / "models" / folder_of(run) / "TOFU_SUMMARY.json"
+        if path.is_file():
+            full = json.loads(path.read_text())
+            summary.update({k: full.get(k) for k in HEADLINE if k not in summary})
+
+
+def retain_utility(summary: dict) -> float | None:
+    """Harmonic mean of the three retain components of model utility (retain P, ROUGE, truth ratio)."""
+    values = [summary.get(k) for k in RETAIN_COMPONENTS]
+    if any(v is None for v in values):
+        return None
+    return 0.0 if min(values) <= 0 else len(values) / sum(1 / v for v in values)
+
+
+def zero_components(results: dict) -> dict[str, list[str]]:
+    """{component: runs} of the utility components that are 0 (they make the harmonic mean 0)."""
+    zeros: dict[str, list[str]] = {}
+    for run, entry in results["runs"].items():
+        for key in UTILITY_COMPONENTS:
+            value = entry.get("summary", {}).get(key)
+            if value is not None and value <= 0:
+                zeros.setdefault(key, []).append(run)
+    return zeros
+
+
 def format_fq(summary: dict | None) -> str:
     if not summary or summary.get("forget_quality") is None:
         return "n/a"
@@ -436,7 +476,7 @@ def main_table(results: dict) -> str:
 
 def detail_table(results: dict) -> str:
     head = ["run", "forget quality", "model utility", "forget truth ratio", "forget Q_A_Prob", "forget ROUGE",
-            "privleak", "unlearn s", "eval s"]
+            "retain Q_A_Prob", "retain-only utility", "privleak", "unlearn s", "eval s"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for run, entry in results["runs"].items():
         if "error" in entry:
@@ -445,7 +485,7 @@ def detail_table(results: dict) -> str:
         s = entry["summary"]
         lines.append("| " + " | ".join([
             run, *cells(entry), format_num(s["forget_Q_A_Prob"]), format_num(s["forget_Q_A_ROUGE"]),
-            format_num(s.get("privleak"), 2), format_num(entry.get("unlearn_seconds"), 0),
+            format_num(s.get("retain_Q_A_Prob")), format_num(retain_utility(s)), format_num(s.get("privleak"), 2), format_num(entry.get("unlearn_seconds"), 0),
             format_num(entry.get("eval_seconds"), 0)]) + " |")
     return "\n".join(lines)
 
@@ -454,17 +494,19 @@ def total_seconds(results: dict) -> float:
     return sum((e.get("unlearn_seconds") or 0) + (e.get("eval_seconds") or 0) for e in results["runs"].values())
 
 
-def write_report(bench: Bench, wall_s: float, argv: list[str], plotted: bool) -> str:
-    a, results, cfg = bench.args, bench.results, bench.results["config"]
+def write_report(results: dict, out: Path, wall_s: float | None, plotted: bool) -> str:
+    """report.md from results.json's content: the settings come from its config, not from this invocation."""
+    cfg, setup = results["config"], results.get("setup", {})
+    split = cfg["forget_split"]
     n_forget = next((e["summary"]["n_forget"] for e in results["runs"].values() if "summary" in e), "?")
+    timing = (f"this invocation took {wall_s / 60:.1f} min; " if wall_s is not None else "")
     parts = [
-        f"# TOFU {a.forget_split}: baseline vs PUM",
+        f"# TOFU {split}: baseline vs PUM",
         "",
-        f"Command: `python bench/tofu_bench.py {shlex.join(argv)}`  ",
-        f"Finished {datetime.datetime.now():%Y-%m-%d %H:%M}; this invocation took {wall_s / 60:.1f} min; the "
-        f"{len(results['runs'])} runs in the report took {total_seconds(results) / 60:.1f} min of unlearning and "
-        "evaluation in all (runs from earlier invocations under the same settings are included; model building "
-        "not counted).",
+        f"Command: `python bench/tofu_bench.py {setup.get('argv', '')}`  ",
+        f"Written {datetime.datetime.now():%Y-%m-%d %H:%M}; {timing}the {len(results['runs'])} runs in the report "
+        f"took {total_seconds(results) / 60:.1f} min of unlearning and evaluation in all (runs of earlier "
+        "invocations under the same settings included; building the CPU models not counted).",
         "",
         "FQ = forget quality (KS p-value of forget truth ratios against the retain model; higher is better, "
         "1.0 = indistinguishable; \"≤x (floor)\" = fully separated samples, a bound, not a measurement), "
@@ -474,29 +516,36 @@ def write_report(bench: Bench, wall_s: float, argv: list[str], plotted: bool) ->
         "",
         "## Setup",
         "",
-        f"- Models: {bench.models_note}; target `{cfg['target']}`, retain `{cfg['retain']}`.",
-        f"- Data: `{cfg['data']}`, forget split {a.forget_split} ({n_forget} forget questions scored), "
-        f"retain split {RETAIN_OF[a.forget_split]}.",
-        f"- Unlearning (both sides): {a.epochs:g} epochs budget, lr {a.lr:g}, batch {a.batch_size}, weight decay "
-        f"{a.weight_decay:g}, seed {a.seed}, extra {a.hyperparams or 'none'}, per method {a.method_params or 'none'}; "
-        "methods at their registry defaults otherwise.",
-        f"- PUM: m = {a.copies} copies, R = {a.rounds} rounds ({a.epochs / a.rounds:g} epochs per copy and round), "
-        f"α ∈ [{a.alpha_min:g}, {a.alpha_max:g}], τ = {a.jitter_tau:g}, zero-sum relative noise σ_ℓ = κ·RMS(θ_ℓ), "
-        f"{a.workers} `pum worker` process(es) and one `pum server` process on loopback.",
-        f"- Evaluation: greedy generation capped at {a.max_new_tokens} new tokens"
+        f"- Models: {setup.get('models', 'see config')}; target `{cfg['target']}`, retain `{cfg['retain']}`.",
+        f"- Data: `{cfg['data']}`, forget split {split} ({n_forget} forget questions scored), "
+        f"retain split {RETAIN_OF[split]}.",
+        f"- Unlearning (both sides): {cfg['epochs']:g} epochs budget, lr {cfg['lr']:g}, batch {cfg['batch_size']}, "
+        f"weight decay {cfg['weight_decay']:g}, seed {cfg['seed']}, extra {cfg['hyperparams'] or 'none'}, per method "
+        f"{cfg['method_params'] or 'none'}; methods at their registry defaults otherwise.",
+        f"- PUM: m = {cfg['copies_m']} copies, R = {cfg['rounds_R']} rounds ({cfg['epochs'] / cfg['rounds_R']:g} epochs "
+        f"per copy and round), α ∈ [{cfg['alpha_min']:g}, {cfg['alpha_max']:g}], τ = {cfg['jitter_tau']:g}, zero-sum "
+        f"relative noise σ_ℓ = κ·RMS(θ_ℓ); {setup.get('workers', '?')} `pum worker` process(es) and one "
+        "`pum server` process on loopback.",
+        f"- Evaluation: greedy generation capped at {cfg['max_new_tokens']} new tokens"
         + (" (DESIGN.md says 200; cut to keep CPU evaluation short: ROUGE and so model utility depend on it, "
-           "truth ratios and forget quality do not)" if a.max_new_tokens < 200 else "")
-        + (f"; max_items = {a.max_items} (a smoke run, not the benchmark)" if a.max_items else "") + ".",
+           "truth ratios and forget quality do not)" if cfg["max_new_tokens"] < 200 else "")
+        + (f"; max_items = {cfg['max_items']} (a smoke run, not the benchmark)" if cfg["max_items"] else "") + ".",
     ]
     if results.get("skipped"):
         parts.append("- Skipped: " + "; ".join(f"{m}: {why}" for m, why in results["skipped"].items()) + ".")
+    zeros = zero_components(results)
+    if zeros:
+        parts.append("- Model utility is a harmonic mean: one component at 0 makes it 0. Components at 0 here: "
+                     + "; ".join(f"{k} in {', '.join(runs)}" for k, runs in zeros.items())
+                     + ". The retain-only utility below (harmonic mean of retain Q_A_Prob, ROUGE and truth ratio) "
+                       "still separates these runs.")
     parts += ["", "## Every run", "", detail_table(results), ""]
     if plotted:
         parts += ["![forget quality vs model utility](forget_quality_vs_utility.png)", ""]
     else:
         parts += ["(No plot: matplotlib is not installed; `pip install matplotlib`.)", ""]
     text = "\n".join(parts)
-    (bench.out / "report.md").write_text(text)
+    (out / "report.md").write_text(text)
     return text
 
 
@@ -542,6 +591,14 @@ def plot(results: dict, path: Path) -> bool:
 # ---------------------------------------------------------------- main
 
 
+def finish(results: dict, out: Path, wall_s: float | None) -> None:
+    """Plot, report.md, and the table on stdout."""
+    plotted = plot(results, out / "forget_quality_vs_utility.png")
+    write_report(results, out, wall_s, plotted)
+    print(main_table(results))
+    print(f"\nreport: {out / 'report.md'}" + (f" ({wall_s / 60:.1f} min)" if wall_s is not None else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -555,6 +612,11 @@ def main(argv: list[str] | None = None) -> int:
         target, retain, _ = resolve_models(args)
         print(f"MODEL_DIR={shlex.quote(str(target))}\nRETAIN_MODEL_DIR={shlex.quote(str(retain))}")
         return 0
+    if args.report_only:
+        results = json.loads((args.out / "results.json").read_text())
+        backfill(results, args.out)
+        finish(results, args.out, None)
+        return 0
     from pum.client.methods import available_methods, get_method
 
     started = time.perf_counter()
@@ -562,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     target, retain, note = resolve_models(args)
     bench = Bench(args, target, retain, note)
     bench.load_results()
+    bench.results["setup"] = {"argv": shlex.join(argv), "models": note, "workers": args.workers}
     methods = []
     for method in args.methods:
         try:
@@ -582,11 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.close()
         bench.save_results()
-    wall = time.perf_counter() - started
-    plotted = plot(bench.results, args.out / "forget_quality_vs_utility.png")
-    write_report(bench, wall, argv, plotted)
-    print(main_table(bench.results))
-    print(f"\nreport: {args.out / 'report.md'} ({wall / 60:.1f} min)")
+    backfill(bench.results, args.out)
+    finish(bench.results, args.out, time.perf_counter() - started)
     failed = [run for run, e in bench.results["runs"].items() if "error" in e]
     if failed:
         log.error("failed runs: %s", ", ".join(failed))

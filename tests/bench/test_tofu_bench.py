@@ -112,6 +112,7 @@ def test_bench_writes_report_and_results(bench_out):
     assert "| GradDiff |" in report and "PUM κ=0.01 FQ" in report
     assert "| retain (reference) | 1.0 |" in report
     assert f"max_items = {MAX_ITEMS}" in report
+    assert "retain-only utility" in report and "--methods GradDiff" in report
 
 
 @pytest.mark.e2e
@@ -123,7 +124,11 @@ def test_bench_reuses_results_and_skips_unknown_methods(tofu_bench, bench_out, c
     after = json.loads((bench_out / "results.json").read_text())
     assert after["runs"] == before
     assert "NoSuchMethod" in after["skipped"]
-    assert "Skipped: NoSuchMethod: not in the method registry" in (bench_out / "report.md").read_text()
+    report = (bench_out / "report.md").read_text()
+    assert "Skipped: NoSuchMethod: not in the method registry" in report
+    (bench_out / "report.md").unlink()
+    assert tofu_bench.main(["--report-only", "--out", str(bench_out)]) == 0  # from results.json alone
+    assert (bench_out / "report.md").read_text().split("\n", 4)[4] == report.split("\n", 4)[4]  # line 3: the time
 
 
 def test_forget_quality_floor_is_marked(tofu_bench):
