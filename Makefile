@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch; a looser pin would pull a multi-GB CUDA build on this machine.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench bench-tofu clean
 
 venv: $(BIN)/pum
 
@@ -27,6 +27,13 @@ test-fast: venv
 
 bench: venv
 	$(BIN)/python bench/server_memory.py
+	$(BIN)/python bench/lease_concurrency.py
+
+# The TOFU forget10 head-to-head: builds the CPU models once (68 min here, then cached), then runs
+# 7 methods × {baseline, PUM κ = 0.01, 0.1} (about 80 min on one core). Runs already done are kept.
+bench-tofu: venv
+	$(BIN)/pip install --quiet -e ".[test,bench]"
+	$(BIN)/python bench/tofu_bench.py --threads 1 --forget-split forget10
 
 clean:
 	rm -rf $(VENV) saves/demo .pytest_cache
