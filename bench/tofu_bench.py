@@ -64,7 +64,7 @@ def default_data_dir() -> Path:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="inner methods (registry names)")
-    p.add_argument("--kappas", nargs="+", type=float, default=list(DEFAULT_KAPPAS), help="PUM relative noise levels κ")
+    p.add_argument("--kappas", nargs="+", type=float, default=list(DEFAULT_KAPPAS), help="PUM relative noise levels κ; 0 runs PUM without noise (a control)")
     p.add_argument("--no-baseline", action="store_true", help="PUM runs only")
     p.add_argument("--forget-split", default="forget10", choices=sorted(RETAIN_OF))
     p.add_argument("--data", type=Path, default=None, help="TOFU JSON-lines folder (default $PUM_TOFU_DATA or ../shared/data/tofu)")
@@ -113,8 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not isinstance(value, dict):
             p.error(f"--{name.replace('_', '-')} must be a JSON object")
         setattr(args, name, value)
-    if any(k <= 0 for k in args.kappas):
-        p.error("every κ must be > 0")
+    if any(k < 0 for k in args.kappas):
+        p.error("every κ must be ≥ 0 (0 = PUM without noise, a control for the rounds and the merge)")
     return args
 
 

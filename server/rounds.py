@@ -141,7 +141,7 @@ def prepare_round(
                 sigmas = dp_sigmas(theta, key, settings, clip_norms, round_)
             else:
                 sigmas = noise_scales(theta, base, settings)
-        if settings.noise_structure == "zero_sum" and any(s > 0 for s in sigmas.values()):
+        if uses_zbar(settings, sigmas):
             with SafetensorsFile(files.center(round_)) as center:
                 write_zbar(center, key, round_, settings.copies_m, files.zbar(round_))
     finally:
@@ -164,6 +164,11 @@ def manual_per_layer_sigmas(values, groups: list[str]) -> dict[str, float]:
     if "global" in groups:
         sigmas["global"] = sum(values) / len(values)
     return sigmas
+
+
+def uses_zbar(settings: PumSettings, sigmas: dict[str, float]) -> bool:
+    """Zero-sum noise needs z̄; a round without noise (every σ_ℓ = 0, e.g. κ = 0) has none to write."""
+    return settings.noise_structure == "zero_sum" and any(s > 0 for s in sigmas.values())
 
 
 def write_zbar(theta: SafetensorsFile, key: bytes, round_: int, m: int, path: Path) -> None:
@@ -203,9 +208,8 @@ def copy_chunks(
     seeds: a resumed download regenerates exactly the same bytes."""
     noise = copy_noise(key, settings, round_, k)
     transform = copy_transform(files, key, settings, round_, k)
-    zero_sum = settings.noise_structure == "zero_sum"
     with SafetensorsFile(files.center(round_)) as center:
-        zbar = SafetensorsFile(files.zbar(round_)) if zero_sum else None
+        zbar = SafetensorsFile(files.zbar(round_)) if uses_zbar(settings, sigmas) else None
         try:
             def noisy(info: TensorInfo) -> torch.Tensor:
                 z_mean = zbar.read(info.name) if zbar else None

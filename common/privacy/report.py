@@ -24,13 +24,15 @@ from pum.common.privacy.calibration import epsilon_for, layer_sensitivities, s_a
 from pum.common.privacy.release import copy_covariance, ones_precision, true_epsilon, true_mu
 from pum.common.settings import PumSettings
 
-__all__ = ["privacy_report", "NO_PUBLIC_BASE", "NO_SENSITIVITY", "ZERO_SUM_SMALL_TAU", "EXPECTED_POLICY",
-           "OVER_CAP"]
+__all__ = ["privacy_report", "NO_PUBLIC_BASE", "NO_SENSITIVITY", "NO_NOISE", "ZERO_SUM_SMALL_TAU",
+           "EXPECTED_POLICY", "OVER_CAP"]
 
 NO_PUBLIC_BASE = ("no sensitivity bound: the center is not clipped relative to a public model, "
                   "so no ε is meaningful")
 NO_SENSITIVITY = ("no sensitivity bound: no clipping norm or dp_sensitivity_* setting bounds the center, "
                   "so no ε is meaningful")
+NO_NOISE = ("σ_ℓ = 0 for {groups}: those parameters are published without Gaussian noise, "
+            "so no ε is meaningful (κ = 0 or σ = 0 is a control run, not a private one)")
 ZERO_SUM_SMALL_TAU = ("a party holding all m copies of a round can recover the center: "
                       "no meaningful guarantee against it (raise jitter_tau to about σ, or use independent noise)")
 EXPECTED_POLICY = ("dp_alpha_policy 'expected' uses S_α = m/(α_min·α_max): the seed-formula ε is "
@@ -103,12 +105,18 @@ def privacy_report(settings: PumSettings, group_sizes: Mapping[str, int] | None,
     if cap is not None and j > cap:
         warnings.append(OVER_CAP.format(j=j, cap=cap))
 
+    noiseless = sorted({g for sig in sigma_r for g, sg in sig.items() if sg <= 0})
+    if noiseless:
+        warnings.append(NO_NOISE.format(groups=", ".join(noiseless)))
+
     formula2 = true2 = coal2 = 0.0
     unit_true2 = unit_formula2 = 0.0  # the same with Δ̄_ℓ = 1, to judge τ when no sensitivity is known
     s_alphas, bounded = [], True
     for alphas, sig, clips in zip(alphas_per_round, sigma_r, clip_r):
         s = s_alpha(settings.dp_alpha_policy, m, settings.alpha_min, settings.alpha_max, alphas)
         s_alphas.append(s)
+        if noiseless:  # every μ below divides by σ_ℓ
+            continue
         kind, sens = _round_sensitivity(settings, list(sig), clips)
         if kind is None:
             bounded = False
@@ -120,8 +128,8 @@ def privacy_report(settings: PumSettings, group_sizes: Mapping[str, int] | None,
         unit_true2 += max(ones_precision(copy_covariance(alphas, sg, tau, structure)) for sg in sig.values())
     if not bounded:
         warnings.append(NO_SENSITIVITY)
-    meaningful = has_public_base and bounded
-    if structure == "zero_sum" and rounds and (tau == 0 or unit_true2 > 2.0 * unit_formula2):
+    meaningful = has_public_base and bounded and not noiseless
+    if structure == "zero_sum" and rounds and not noiseless and (tau == 0 or unit_true2 > 2.0 * unit_formula2):
         warnings.append(ZERO_SUM_SMALL_TAU)
     if settings.dp_alpha_policy == "expected":
         warnings.append(EXPECTED_POLICY)

@@ -91,3 +91,25 @@ def test_update_clipping_bounds_each_delta(server, tiny_model_dir):
         before = load_file(tiny_model_dir / "model.safetensors")
         change = sum((merged.read(n).double() - t.double()).pow(2).sum().item() for n, t in before.items()) ** 0.5
     assert abs(change - 0.5) < 1e-4  # both deltas clipped to norm 0.5, α = 1: their mean has norm 0.5
+
+
+def test_a_job_without_noise_publishes_theta_and_merges(server, tiny_model_dir):
+    # κ = 0 is PUM without noise, the control for the rounds and the merge: no z̄ is written,
+    # so publishing must not look for one (it once answered 500 here).
+    job = server.create_job(tiny_model_dir, {"copies_m": 2, "rounds_R": 1, "noise_kappa": 0.0})
+    worker = server.worker(server.token(job))
+    theta = load_file(tiny_model_dir / "model.safetensors")
+    for _ in range(2):
+        lease_id, _, copy = lease_and_download(worker, server)
+        for name, tensor in theta.items():
+            assert torch.equal(copy[name], tensor), f"{name} was perturbed with κ = 0"
+        delta = {n: torch.full(t.shape, 0.01) for n, t in copy.items()}
+        assert worker.put(f"/v1/work/leases/{lease_id}/delta", content=save(delta)).json()["accepted"]
+    status = server.admin.get(f"/v1/jobs/{job}").json()
+    assert status["state"] == "finalized"
+    merged = load_file(f"{status['output_dir']}/model.safetensors")
+    for name, before in theta.items():
+        torch.testing.assert_close(merged[name], before + 0.01, rtol=0, atol=1e-6)
+    report = server.admin.get(f"/v1/jobs/{job}/privacy")
+    assert report.status_code == 200 and not report.json()["meaningful"]
+    assert any("without Gaussian noise" in w for w in report.json()["warnings"])

@@ -9,7 +9,7 @@ import pytest
 
 from pum.common.privacy.calibration import calibrate
 from pum.common.privacy.report import (
-    EXPECTED_POLICY, NO_PUBLIC_BASE, NO_SENSITIVITY, OVER_CAP, ZERO_SUM_SMALL_TAU, privacy_report,
+    EXPECTED_POLICY, NO_NOISE, NO_PUBLIC_BASE, NO_SENSITIVITY, OVER_CAP, ZERO_SUM_SMALL_TAU, privacy_report,
 )
 from pum.common.settings import PumSettings
 
@@ -74,6 +74,16 @@ def test_no_sensitivity_means_no_meaningful_epsilon_but_still_judges_tau():
     ok = privacy_report(PumSettings(sigma=0.01, jitter_tau=0.02), SIZES, None, {g: 0.01 for g in SIZES}, ALPHAS,
                         None, True)
     assert ZERO_SUM_SMALL_TAU not in ok["warnings"]
+
+
+def test_a_group_without_noise_means_no_meaningful_epsilon_and_no_division_by_zero():
+    # κ = 0 (a control run) gives σ_ℓ = 0 everywhere; a manual per-layer σ may leave out one group.
+    settings = PumSettings(noise_kappa=0.0, dp_sensitivity_total_l2=1.0, jitter_tau=0.01)
+    sigmas = {"layer.0": 0.0, "layer.1": 0.5, "global": 0.0}
+    report = privacy_report(settings, SIZES, None, sigmas, ALPHAS, None, True)
+    assert NO_NOISE.format(groups="global, layer.0") in report["warnings"] and not report["meaningful"]
+    assert report["true_release"]["epsilon"] is None and report["largest_coalition"]["mu"] is None
+    assert report["noise_total_variance"] == pytest.approx(4000 * 0.25)
 
 
 def test_total_sensitivity_bound_puts_everything_on_the_most_exposed_group():
