@@ -2,6 +2,7 @@
 
     python bench/tofu_bench.py                                   # CPU models, forget10, 7 methods, κ = 0.01 and 0.1
     python bench/tofu_bench.py --methods NPO --kappas 0.01       # add or redo runs; earlier results are kept
+    python bench/tofu_bench.py --no-baseline --kappas 0          # PUM without noise: the control for rounds + merge
     python bench/tofu_bench.py --model-dir M --retain-model-dir R --device cuda   # real Hugging Face models
     python bench/tofu_bench.py --print-models --spec test        # shell assignments MODEL_DIR=… RETAIN_MODEL_DIR=…
 
@@ -193,6 +194,7 @@ class Bench:
             old = json.loads(path.read_text())
             if old.get("config") == fresh["config"]:
                 fresh["runs"], fresh["skipped"] = old.get("runs", {}), old.get("skipped", {})
+                fresh["setup"] = old.get("setup", {})
                 log.info("results.json: %d earlier runs under the same settings are kept", len(fresh["runs"]))
             else:
                 backup = path.with_name(f"results.{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
@@ -412,9 +414,9 @@ def retain_utility(summary: dict) -> float | None:
 def zero_components(results: dict) -> dict[str, list[str]]:
     """{component: runs} of the utility components that are 0 (they make the harmonic mean 0)."""
     zeros: dict[str, list[str]] = {}
-    for run, entry in results["runs"].items():
+    for run in run_order(results):
         for key in UTILITY_COMPONENTS:
-            value = entry.get("summary", {}).get(key)
+            value = results["runs"][run].get("summary", {}).get(key)
             if value is not None and value <= 0:
                 zeros.setdefault(key, []).append(run)
     return zeros
@@ -474,19 +476,29 @@ def main_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def run_order(results: dict) -> list[str]:
+    """The references, then per method its baseline and its PUM runs by κ; anything else last."""
+    methods, kappas = variants(results)
+    wanted = ["retain", "target"] + [run for m in methods
+                                     for run in [f"baseline/{m}"] + [f"pum/{m}/k{k:g}" for k in kappas]]
+    ordered = [run for run in wanted if run in results["runs"]]
+    return ordered + [run for run in results["runs"] if run not in ordered]
+
+
 def detail_table(results: dict) -> str:
     head = ["run", "forget quality", "model utility", "forget truth ratio", "forget Q_A_Prob", "forget ROUGE",
             "retain Q_A_Prob", "retain-only utility", "privleak", "unlearn s", "eval s"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    for run, entry in results["runs"].items():
+    for run in run_order(results):
+        entry = results["runs"][run]
         if "error" in entry:
             lines.append(f"| {run} | failed: {entry['error'][:120]} |" + " |" * (len(head) - 2))
             continue
         s = entry["summary"]
         lines.append("| " + " | ".join([
             run, *cells(entry), format_num(s["forget_Q_A_Prob"]), format_num(s["forget_Q_A_ROUGE"]),
-            format_num(s.get("retain_Q_A_Prob")), format_num(retain_utility(s)), format_num(s.get("privleak"), 2), format_num(entry.get("unlearn_seconds"), 0),
-            format_num(entry.get("eval_seconds"), 0)]) + " |")
+            format_num(s.get("retain_Q_A_Prob")), format_num(retain_utility(s)), format_num(s.get("privleak"), 2),
+            format_num(entry.get("unlearn_seconds"), 0), format_num(entry.get("eval_seconds"), 0)]) + " |")
     return "\n".join(lines)
 
 
@@ -503,7 +515,8 @@ def write_report(results: dict, out: Path, wall_s: float | None, plotted: bool) 
     parts = [
         f"# TOFU {split}: baseline vs PUM",
         "",
-        f"Command: `python bench/tofu_bench.py {setup.get('argv', '')}`  ",
+        "Commands (results.json keeps every run made under the same settings): "
+        + "; ".join(f"`python bench/tofu_bench.py {c}`" for c in setup.get("commands", [""])) + "  ",
         f"Written {datetime.datetime.now():%Y-%m-%d %H:%M}; {timing}the {len(results['runs'])} runs in the report "
         f"took {total_seconds(results) / 60:.1f} min of unlearning and evaluation in all (runs of earlier "
         "invocations under the same settings included; building the CPU models not counted).",
@@ -624,7 +637,10 @@ def main(argv: list[str] | None = None) -> int:
     target, retain, note = resolve_models(args)
     bench = Bench(args, target, retain, note)
     bench.load_results()
-    bench.results["setup"] = {"argv": shlex.join(argv), "models": note, "workers": args.workers}
+    commands = bench.results.get("setup", {}).get("commands", [])
+    command = shlex.join(argv)
+    bench.results["setup"] = {"commands": commands + [command] * (command not in commands), "models": note,
+                              "workers": args.workers}
     methods = []
     for method in args.methods:
         try:

@@ -126,6 +126,7 @@ def test_bench_reuses_results_and_skips_unknown_methods(tofu_bench, bench_out, c
     assert "NoSuchMethod" in after["skipped"]
     report = (bench_out / "report.md").read_text()
     assert "Skipped: NoSuchMethod: not in the method registry" in report
+    assert report.count("`python bench/tofu_bench.py ") == 2 and "GradDiff NoSuchMethod" in report  # both commands
     (bench_out / "report.md").unlink()
     assert tofu_bench.main(["--report-only", "--out", str(bench_out)]) == 0  # from results.json alone
     assert (bench_out / "report.md").read_text().split("\n", 4)[4] == report.split("\n", 4)[4]  # line 3: the time
