@@ -43,6 +43,7 @@ class TrainConfig:
     epochs: float = 5  # the baseline's epoch budget over the forget set (local_epochs)
     max_steps: int | None = None  # steps of this run; None = auto-balance (see planned_steps)
     rounds: int = 1  # rounds R of the PUM job; the epoch budget is split over them
+    round: int = 1  # which of the R rounds this run is: its batches continue where round − 1 stopped
     warmup_steps: int = 0  # linear warm-up steps before the peak learning rate
     schedule: str = "constant"  # after warm-up: "constant", or "linear" decay towards 0 at the last step
     max_length: int = 512  # longest tokenized QA pair; prompts are cut from the left beyond it
@@ -62,17 +63,20 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be ≥ 0 (got {self.weight_decay})")
         if not self.epochs > 0:
             raise ValueError(f"epochs must be > 0 (got {self.epochs})")
-        for name, least in (("batch_size", 1), ("rounds", 1), ("max_length", 2), ("warmup_steps", 0)):
+        for name, least in (("batch_size", 1), ("rounds", 1), ("round", 1), ("max_length", 2), ("warmup_steps", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an integer ≥ {least} (got {value!r})")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise ValueError(f"max_steps must be None (auto-balance) or an integer ≥ 1 (got {self.max_steps!r})")
+        if self.round > self.rounds:
+            raise ValueError(f"round must be ≤ rounds = {self.rounds} (got {self.round})")
 
     @classmethod
-    def from_task(cls, task: TaskSpec) -> TrainConfig:
+    def from_task(cls, task: TaskSpec, round_: int = 1) -> TrainConfig:
         """The config of a server's TaskSpec: loop keys of `hyperparams` go to the loop, the rest to the method.
 
+        `round_` is the lease's round (1-based): it places the run's batches after the earlier rounds'.
         An unknown key is refused with a ValueError listing both sets of allowed keys.
         """
         method = get_method(task.method)
@@ -89,7 +93,8 @@ class TrainConfig:
             if key in loop and isinstance(loop[key], int) and not isinstance(loop[key], bool):
                 loop[key] = float(loop[key])
         return cls(
-            method=method.name, params=hyper, epochs=task.epochs, max_steps=task.max_steps, rounds=task.rounds, **loop
+            method=method.name, params=hyper, epochs=task.epochs, max_steps=task.max_steps, rounds=task.rounds,
+            round=round_, **loop,
         )
 
 
@@ -122,12 +127,20 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 1.0
 
 
-def _batches(pairs: list[QAPair], batch_size: int, generator: torch.Generator) -> Iterator[list[QAPair]]:
-    """Endless batches: each pass over `pairs` in a fresh random order; the last batch may be short."""
+def _batches(pairs: list[QAPair], batch_size: int, seed: int, skip: int = 0) -> Iterator[list[QAPair]]:
+    """Endless batches: each pass over `pairs` in a fresh random order; the last batch may be short.
+
+    The first `skip` batches of the seed's stream are passed over, so round r of a PUM job trains on
+    the batches that follow round r − 1's: over R rounds a copy sees the baseline's exact sequence.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    index = 0
     while True:
         order = torch.randperm(len(pairs), generator=generator).tolist()
         for start in range(0, len(order), batch_size):
-            yield [pairs[i] for i in order[start : start + batch_size]]
+            if index >= skip:
+                yield [pairs[i] for i in order[start : start + batch_size]]
+            index += 1
 
 
 def _optimizer(config: TrainConfig, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -151,7 +164,8 @@ def run_unlearning(
     """Run the config's unlearning method on `model`, in place, for `planned_steps` steps.
 
     Forget pairs (and retain pairs, cycled independently with the same batch size) are shuffled
-    by generators seeded with `config.seed`; one optimiser covers every trainable parameter. The
+    by generators seeded with `config.seed`; round r > 1 starts after the batches of the rounds
+    before it. One optimiser covers every trainable parameter (a fresh one each round). The
     reference model, where the method reads one, is a frozen copy of `model` as given. Forget
     batches are built by the method's `collate_forget`, with a third generator (seed + 2) for any
     per-batch choice it makes (DPO's "I don't know" answers, taken from `idk_answers` when given,
@@ -184,10 +198,9 @@ def run_unlearning(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps, config.warmup_steps, config.schedule)
     )
-    forget_batches = _batches(forget, config.batch_size, torch.Generator().manual_seed(config.seed))
-    retain_batches = (
-        _batches(retain, config.batch_size, torch.Generator().manual_seed(config.seed + 1)) if use_retain else None
-    )
+    done_before = (config.round - 1) * steps  # steps of the earlier rounds
+    forget_batches = _batches(forget, config.batch_size, config.seed, done_before)
+    retain_batches = _batches(retain, config.batch_size, config.seed + 1, done_before) if use_retain else None
     method_generator = torch.Generator().manual_seed(config.seed + 2)
 
     def on_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -90,7 +90,7 @@ class Worker:
         """One copy from lease to accepted upload; returns the copy's metrics."""
         lease_id = lease["lease_id"]
         task = TaskSpec.model_validate(lease["task"])
-        config = TrainConfig.from_task(task)
+        config = TrainConfig.from_task(task, round_=lease["round"])
         copy_dir = self._copy_dir(lease["task_name"], lease["round"])
         with tempfile.TemporaryDirectory(prefix="pum-copy-") as tmp, _Heartbeat(self.api, lease_id, lease["ttl_s"]):
             workdir = Path(tmp)

@@ -167,6 +167,31 @@ def test_same_inputs_and_seed_give_bit_identical_weights(make_model, tokenizer, 
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_rounds_continue_the_batch_stream_so_r_rounds_replay_the_baseline(make_model, tokenizer, forget_pairs,
+                                                                         retain_pairs):
+    # With SGD (no optimiser state) and one copy per round, R rounds run back to back on the same
+    # weights must equal the baseline: the same batches in the same order. 6 pairs in batches of 4
+    # are 2 batches an epoch; 3 epochs over 2 rounds put the round boundary inside epoch 2.
+    baseline = TrainConfig(method="GradDiff", optimizer="sgd", lr=1e-2, batch_size=4, epochs=3, seed=5)
+    rounds = dataclasses.replace(baseline, rounds=2)
+    assert planned_steps(baseline, len(forget_pairs)) == 2 * planned_steps(rounds, len(forget_pairs)) == 6
+    once, in_rounds, restarted = make_model(0), make_model(0), make_model(0)
+    run_unlearning(once, tokenizer, forget_pairs, retain_pairs, baseline)
+    for r in (1, 2):
+        run_unlearning(in_rounds, tokenizer, forget_pairs, retain_pairs, dataclasses.replace(rounds, round=r))
+        run_unlearning(restarted, tokenizer, forget_pairs, retain_pairs, rounds)  # round 1's batches twice
+    a, b, c = once.state_dict(), in_rounds.state_dict(), restarted.state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-7)
+    assert max((c[k] - a[k]).abs().max().item() for k in a) > 1e-5
+
+
+def test_round_beyond_the_jobs_rounds_is_refused():
+    with pytest.raises(ValueError, match="round must be ≤ rounds = 2"):
+        TrainConfig(method="NPO", rounds=2, round=3)
+    assert TrainConfig.from_task(TaskSpec(method="NPO", epochs=1, rounds=3), round_=2).round == 2
+
+
 def test_training_leaves_the_global_rng_alone(model, tokenizer, forget_pairs):
     torch.manual_seed(123)
     expected = torch.rand(3)
