@@ -7,6 +7,7 @@ place with the method from `pum.client.methods`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -127,20 +128,19 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 1.0
 
 
-def _batches(pairs: list[QAPair], batch_size: int, seed: int, skip: int = 0) -> Iterator[list[QAPair]]:
-    """Endless batches: each pass over `pairs` in a fresh random order; the last batch may be short.
-
-    The first `skip` batches of the seed's stream are passed over, so round r of a PUM job trains on
-    the batches that follow round r − 1's: over R rounds a copy sees the baseline's exact sequence.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    index = 0
+def _batches(pairs: list[QAPair], batch_size: int, generator: torch.Generator) -> Iterator[list[QAPair]]:
+    """Endless batches: each pass over `pairs` in a fresh random order; the last batch may be short."""
     while True:
         order = torch.randperm(len(pairs), generator=generator).tolist()
         for start in range(0, len(order), batch_size):
-            if index >= skip:
-                yield [pairs[i] for i in order[start : start + batch_size]]
-            index += 1
+            yield [pairs[i] for i in order[start : start + batch_size]]
+
+
+def _round_batches(pairs: list[QAPair], config: TrainConfig, seed: int, steps: int) -> Iterator[list[QAPair]]:
+    """This round's share of the seed's batch stream: round r starts after the (r − 1)·steps batches of
+    the rounds before it, so over R rounds a copy sees the baseline's sequence of batches."""
+    stream = _batches(pairs, config.batch_size, torch.Generator().manual_seed(seed))
+    return itertools.islice(stream, (config.round - 1) * steps, None)
 
 
 def _optimizer(config: TrainConfig, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -198,9 +198,8 @@ def run_unlearning(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps, config.warmup_steps, config.schedule)
     )
-    done_before = (config.round - 1) * steps  # steps of the earlier rounds
-    forget_batches = _batches(forget, config.batch_size, config.seed, done_before)
-    retain_batches = _batches(retain, config.batch_size, config.seed + 1, done_before) if use_retain else None
+    forget_batches = _round_batches(forget, config, config.seed, steps)
+    retain_batches = _round_batches(retain, config, config.seed + 1, steps) if use_retain else None
     method_generator = torch.Generator().manual_seed(config.seed + 2)
 
     def on_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
