@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -12,6 +13,7 @@ import yaml
 from pum.common.settings import PumSettings
 
 from .api import raise_for_status
+from .progress import BarFactory, byte_bar
 
 END_STATES = ("finalized", "aborted", "failed")
 
@@ -37,27 +39,37 @@ class AdminAPI:
     def issue_token(self, job_id: str, label: str = "worker") -> str:
         return raise_for_status(self.http.post(f"/v1/jobs/{job_id}/tokens", json={"label": label})).json()["token"]
 
-    def download_model(self, job_id: str, dest: Path) -> Path:
+    def download_model(self, job_id: str, dest: Path, bars: BarFactory | None = None) -> Path:
+        """Each file of the finalized model into `dest`; `bars(name, size)` makes a progress bar per file."""
+        bars = bars or partial(byte_bar, enabled=False)
         dest.mkdir(parents=True, exist_ok=True)
         for name in raise_for_status(self.http.get(f"/v1/jobs/{job_id}/model")).json()["files"]:
             with self.http.stream("GET", f"/v1/jobs/{job_id}/model/{name}") as response:
                 if not response.is_success:
                     response.read()
                     raise_for_status(response)
-                with (dest / name).open("wb") as f:
+                size = response.headers.get("content-length")
+                with (dest / name).open("wb") as f, bars(name, int(size) if size else None) as bar:
                     for chunk in response.iter_bytes(1 << 20):
                         f.write(chunk)
+                        bar.update(len(chunk))
         return dest
 
-    def wait(self, job_id: str, timeout_s: float = 3600.0, poll_s: float = 0.5,
-             sleep: Callable[[float], None] = time.sleep) -> dict:
-        """Poll until the job is finalized, aborted or failed; raises TimeoutError past the limit."""
-        deadline = time.monotonic() + timeout_s
+    def wait(self, job_id: str, timeout_s: float | None = None, poll_s: float = 0.5,
+             sleep: Callable[[float], None] = time.sleep, on_status: Callable[[dict], None] | None = None) -> dict:
+        """Poll until the job is finalized, aborted or failed; `on_status` sees every status polled.
+
+        No timeout by default: a job runs as long as its rounds take. With `timeout_s`, raises
+        TimeoutError past it.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             status = self.status(job_id)
+            if on_status:
+                on_status(status)
             if status["state"] in END_STATES:
                 return status
-            if time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {status['state']} (round {status['round']}) after {timeout_s:g} s")
             sleep(poll_s)
 

@@ -51,8 +51,12 @@ class WorkerAPI:
         dest.write_bytes(response.content)
         return dest
 
-    def download_copy(self, lease_id: str, dest: Path, progress: Callable[[int], None] | None = None) -> Path:
-        """Stream the copy to `dest`; a cut connection resumes where it stopped (HTTP Range)."""
+    def download_copy(self, lease_id: str, dest: Path, progress: Callable[[int], None] | None = None,
+                      on_total: Callable[[int], None] | None = None) -> Path:
+        """Stream the copy to `dest`; a cut connection resumes where it stopped (HTTP Range).
+
+        `progress(n)` after each chunk of n bytes; `on_total(size)` once, when the size is known.
+        """
         dest.write_bytes(b"")
         total: int | None = None
         received = 0  # counted, not stat'ed: dest may be a device such as /dev/null
@@ -65,6 +69,8 @@ class WorkerAPI:
                         raise_for_status(response)
                     if total is None:
                         total = received + int(response.headers["content-length"])
+                        if on_total:
+                            on_total(total)
                     with dest.open("ab") as f:
                         for chunk in response.iter_bytes():  # as received: nothing buffered is lost on a cut
                             f.write(chunk)

@@ -6,9 +6,11 @@ import argparse
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 ACTIONS = ("start", "pause", "resume", "abort", "advance", "finalize")
+JOB_ID_HELP = "the job's id (`pum admin jobs` lists them)"
 
 
 def http_client(server: str, token: str | None, ca_file: str | None = None, timeout: float = 600.0):
@@ -39,35 +41,40 @@ def add_parsers(subparsers) -> None:
 
     unlearn = subparsers.add_parser("unlearn", help="run an inner method directly on a model (the baseline, no PUM)")
     unlearn.add_argument("model_dir", help="Hugging Face model folder (with tokenizer)")
-    unlearn.add_argument("--forget", required=True)
-    unlearn.add_argument("--retain")
+    unlearn.add_argument("--forget", required=True, help="forget set: JSON lines with question/answer")
+    unlearn.add_argument("--retain", help="retain set (needed by GradDiff, NPO)")
     unlearn.add_argument("--out", required=True, help="where the unlearned model is saved")
-    unlearn.add_argument("--method", default=os.environ.get("PUM_INNER_HANDLER", "GradDiff"))
-    unlearn.add_argument("--epochs", type=float, default=float(os.environ.get("PUM_LOCAL_EPOCHS", 5)))
+    unlearn.add_argument("--method", default=os.environ.get("PUM_INNER_HANDLER", "GradDiff"),
+                         help="inner method: GradAscent, GradDiff, NPO, SimNPO, DPO, RMU, ... (or PUM_INNER_HANDLER; default GradDiff)")
+    unlearn.add_argument("--epochs", type=float, default=float(os.environ.get("PUM_LOCAL_EPOCHS", 5)),
+                         help="training epochs over the forget set (or PUM_LOCAL_EPOCHS; default 5)")
     unlearn.add_argument("--hyperparams", default="{}", help='JSON, e.g. {"lr": 1e-5, "batch_size": 32, "beta": 0.1}')
     unlearn.add_argument("--device", help="cuda, cpu (default: the GPU if any)")
-    unlearn.add_argument("--threads", type=int)
+    unlearn.add_argument("--threads", type=int, help="torch CPU threads")
     unlearn.set_defaults(run=run_unlearn)
 
     admin = subparsers.add_parser("admin", help="admin commands against a running server")
-    admin.add_argument("--server", default=os.environ.get("PUM_SERVER_URL", "http://127.0.0.1:8000"))
+    admin.add_argument("--server", default=os.environ.get("PUM_SERVER_URL", "http://127.0.0.1:8000"),
+                       help="server URL (or PUM_SERVER_URL; default http://127.0.0.1:8000)")
     admin.add_argument("--token", default=os.environ.get("PUM_ADMIN_TOKEN"), help="admin token (or PUM_ADMIN_TOKEN)")
     admin.add_argument("--ca-file", help="CA bundle to verify the server's TLS certificate")
     commands = admin.add_subparsers(dest="command", required=True)
     commands.add_parser("jobs", help="list jobs")
     create = commands.add_parser("create", help="create a job from a job YAML (task, model_dir, pum, hyperparams)")
-    create.add_argument("job_file")
+    create.add_argument("job_file", help="job YAML; PUM_* variables of the seed override its pum: section")
     for name in ("status", *ACTIONS):
-        commands.add_parser(name, help=f"{name} a job" if name != "status" else "show a job").add_argument("job_id")
+        commands.add_parser(name, help=f"{name} a job" if name != "status" else "show a job").add_argument("job_id", help=JOB_ID_HELP)
     token = commands.add_parser("token", help="issue a worker token for a job")
-    token.add_argument("job_id")
-    token.add_argument("--label", default="worker")
-    wait = commands.add_parser("wait", help="wait until a job is finalized, aborted or failed")
-    wait.add_argument("job_id")
-    wait.add_argument("--timeout", type=float, default=3600.0)
+    token.add_argument("job_id", help=JOB_ID_HELP)
+    token.add_argument("--label", default="worker", help="a name for the worker, shown in the job's status (default worker)")
+    wait = commands.add_parser("wait", help="wait until a job is finalized, aborted or failed, showing its progress")
+    wait.add_argument("job_id", help=JOB_ID_HELP)
+    wait.add_argument("--timeout", type=float, help="give up after this many seconds (default: wait as long as the job runs)")
+    wait.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     download = commands.add_parser("download", help="download a finalized job's model")
-    download.add_argument("job_id")
-    download.add_argument("dest")
+    download.add_argument("job_id", help=JOB_ID_HELP)
+    download.add_argument("dest", help="folder the model's files are written to (created if missing)")
+    download.add_argument("--no-progress", action="store_true", help="no progress bars")
     admin.set_defaults(run=run_admin)
 
 
@@ -123,6 +130,7 @@ def run_unlearn(args: argparse.Namespace) -> int:
 
 def run_admin(args: argparse.Namespace) -> int:
     from .admin import AdminAPI, load_job_file
+    from .progress import WaitProgress, byte_bar
 
     with http_client(args.server, args.token, args.ca_file) as http:
         api = AdminAPI(http)
@@ -138,9 +146,10 @@ def run_admin(args: argparse.Namespace) -> int:
         elif args.command == "token":
             result = {"token": api.issue_token(args.job_id, args.label)}
         elif args.command == "wait":
-            result = api.wait(args.job_id, args.timeout)
+            result = api.wait(args.job_id, args.timeout, on_status=None if args.no_progress else WaitProgress(sys.stderr))
         else:
-            result = {"saved": str(api.download_model(args.job_id, Path(args.dest)))}
+            bars = partial(byte_bar, enabled=not args.no_progress)
+            result = {"saved": str(api.download_model(args.job_id, Path(args.dest), bars=bars))}
     json.dump(result, sys.stdout, indent=2)
     print()
     return 0

@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +27,7 @@ from pum.common.qa import QAPair
 from pum.common.schemas import TaskSpec
 
 from .api import WorkerAPI
+from .progress import byte_bar, set_total
 from .trainer import TrainConfig, run_unlearning
 
 log = logging.getLogger(__name__)
@@ -97,8 +99,8 @@ class Worker:
             started = time.perf_counter()
             for name in lease["public_files"]:
                 self.api.public_file(name, workdir / name)
-            with self._bar("download", unit="B") as bar:
-                self.api.download_copy(lease_id, workdir / "model.safetensors", bar.update)
+            with self._bar("download") as bar:
+                self.api.download_copy(lease_id, workdir / "model.safetensors", bar.update, partial(set_total, bar))
             downloaded = time.perf_counter()
             model, tokenizer = _load(workdir, self.device)
             received = load_file(workdir / "model.safetensors")
@@ -114,7 +116,7 @@ class Worker:
             trained = time.perf_counter()
             delta_path = workdir / "delta.safetensors"
             _write_delta(model, received, delta_path)
-            with self._bar("upload", unit="B") as bar:
+            with self._bar("upload", delta_path.stat().st_size) as bar:
                 result = self.api.upload_delta(lease_id, delta_path, bar.update)
         metrics = {
             "round": lease["round"], "task": lease["task_name"], "method": task.method, "train": train,
@@ -148,8 +150,9 @@ class Worker:
         except Exception as err:  # the lease will expire on its own
             log.warning("could not give back %s: %s", lease_id, err)
 
-    def _bar(self, desc: str, unit: str) -> tqdm:
-        return tqdm(desc=desc, unit=unit, unit_scale=True, disable=not self.options.progress, leave=False)
+    def _bar(self, desc: str, total: int | None = None) -> tqdm:
+        """A byte bar with total and ETA; a download's total comes with its Content-Length."""
+        return byte_bar(desc, total, enabled=self.options.progress)
 
 
 def _load(workdir: Path, device: str):

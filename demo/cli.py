@@ -11,15 +11,17 @@ def add_parser(subparsers) -> None:
 
     defaults = DemoOptions()
     parser = subparsers.add_parser("demo", help="offline end-to-end demo on a tiny model: baseline vs PUM")
-    parser.add_argument("--out-dir", type=Path, default=defaults.out_dir)
+    parser.add_argument("--out-dir", type=Path, default=defaults.out_dir,
+                        help=f"summary, logs, server state and merged model (default {defaults.out_dir})")
     parser.add_argument("--cache-dir", type=Path, default=None, help="demo assets cache (default ~/.cache/pum)")
-    parser.add_argument("--method", default=defaults.method)
+    parser.add_argument("--method", default=defaults.method, help=f"inner unlearning method (default {defaults.method})")
     parser.add_argument("--copies", type=int, default=defaults.copies_m, help="copies m per round")
     parser.add_argument("--rounds", type=int, default=defaults.rounds_R, help="rounds R")
     parser.add_argument("--kappa", type=float, default=defaults.noise_kappa, help="relative noise level κ")
-    parser.add_argument("--epochs", type=float, default=defaults.epochs)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--workers", type=int, default=defaults.workers)
+    parser.add_argument("--epochs", type=float, default=defaults.epochs,
+                        help="the baseline's epochs; PUM splits them over the rounds")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help=f"learning rate (default {defaults.lr:g})")
+    parser.add_argument("--workers", type=int, default=defaults.workers, help=f"worker processes (default {defaults.workers})")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads of the demo process")
     parser.set_defaults(run=run)
 

@@ -17,14 +17,15 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="TOFU metrics of a saved model (forget quality, utility, privleak, MIA)")
     parser.add_argument("model_dir", type=Path, help="the model to evaluate (a save_pretrained folder with its tokenizer)")
     parser.add_argument("--data", type=Path, required=True, help="folder of TOFU JSON-lines splits")
-    parser.add_argument("--forget-split", default="forget10", choices=sorted(SPLITS))
+    parser.add_argument("--forget-split", default="forget10", choices=sorted(SPLITS), help="TOFU forget split (default forget10)")
     parser.add_argument("--retain-model", type=Path, default=None,
                         help="retain model folder (or its TOFU_EVAL.json); needed for forget_quality and privleak")
     parser.add_argument("--retain-out", type=Path, default=None,
                         help="where the retain model's evaluation is cached (default: the retain model folder)")
     parser.add_argument("--out", type=Path, default=None, help="where TOFU_EVAL.json and TOFU_SUMMARY.json go (default MODEL_DIR)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"evaluation batch size (default {DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                        help=f"longest generated answer, in tokens (default {DEFAULT_MAX_NEW_TOKENS})")
     parser.add_argument("--max-items", type=int, default=None, help="first N records of each split (smoke runs)")
     parser.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

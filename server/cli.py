@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from pum.common.errors import InvalidInput
 
@@ -21,8 +22,9 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
     audit = subparsers.add_parser("audit", help="operator check: recover a round's center from its copies")
+    audit.add_argument("job_id", nargs="?", help="the job's id (its current round is audited)")
+    audit.add_argument("--job", dest="job_flag", help="deprecated: give the job id as JOB_ID instead")
     audit.add_argument("--state-dir", default="state", help="the server's state folder")
-    audit.add_argument("--job", required=True, help="job id (its current round is audited)")
     audit.add_argument("--coords", type=int, default=2000, help="coordinates sampled per tensor")
     audit.set_defaults(run=run_audit)
 
@@ -66,7 +68,14 @@ def run_audit(args: argparse.Namespace) -> int:
 
     from .audit import audit_round
 
-    report = audit_round(Path(args.state_dir), args.job, args.coords)
+    if args.job_flag:
+        print("pum audit: --job is deprecated; give the job id as JOB_ID (pum audit JOB_ID)", file=sys.stderr)
+    if args.job_id and args.job_flag and args.job_id != args.job_flag:
+        raise InvalidInput(f"two job ids: {args.job_id} and --job {args.job_flag}; give one")
+    job_id = args.job_id or args.job_flag
+    if not job_id:
+        raise InvalidInput("give the job id: pum audit JOB_ID")
+    report = audit_round(Path(args.state_dir), job_id, args.coords)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -33,7 +33,7 @@ def test_reparameterization_hides_the_center_from_a_plain_combination(server, ti
 
 def test_audit_cli(server, tiny_model_dir, capsys):
     job = server.create_job(tiny_model_dir, {"copies_m": 3})
-    assert main(["audit", "--state-dir", str(server.settings.state_dir), "--job", job, "--coords", "100"]) == 0
+    assert main(["audit", job, "--state-dir", str(server.settings.state_dir), "--coords", "100"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["job"] == job and report["copies"] == 3 and set(report["groups"]) == {"layer.0", "layer.1", "global"}
     assert main(["audit", "--state-dir", str(server.settings.state_dir), "--job", "job-nope"]) == 2
