@@ -35,9 +35,16 @@ for name in "$@"; do
     esac
 done
 
-# json_field KEY: print the top-level field KEY of the JSON object on stdin.
+# json_field KEY: print the top-level field KEY of the JSON object on stdin; when there is none (the
+# pum command before it failed and said why on stderr), fail with one line rather than a traceback.
 json_field() {
-    python -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"
+    python -c '
+import json, sys
+try:
+    print(json.load(sys.stdin)[sys.argv[1]])
+except (ValueError, KeyError, TypeError):
+    sys.exit("setup: no " + sys.argv[1] + " in the answer (see the error above)")
+' "$1"
 }
 
 mkdir -p "$tokens_dir"

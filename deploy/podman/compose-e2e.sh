@@ -54,7 +54,7 @@ step "torch for the image build"
 torch_version=$(sed -n 's/^ARG TORCH_VERSION=//p' "$repo/deploy/server.Dockerfile")
 index=${PUM_TORCH_INDEX:-}
 mount=""
-if [ -z "$index" ]; then
+if [ -z "$index" ] && [ ! -d "$work/torch-index/torch" ]; then
     # A PEP 503 folder index (one folder per project) of torch and its dependencies, as this host's
     # pip resolves them (its configuration finds the CPU wheel); the build reads it through a mount.
     "$python" -m pip download --quiet --only-binary=:all: -d "$work/wheels" "torch==$torch_version"
@@ -65,6 +65,8 @@ if [ -z "$index" ]; then
         mv "$wheel" "$work/torch-index/$name/"
         printf '<a href="%s">%s</a>\n' "$file" "$file" >> "$work/torch-index/$name/index.html"
     done
+fi
+if [ -z "$index" ]; then
     index=file:///opt/torch-index
     mount="--volume=$work/torch-index:/opt/torch-index:ro"
 fi
@@ -73,8 +75,9 @@ step "images"
 build() {
     dockerfile=$1
     shift
+    # --format docker: the OCI format has no HEALTHCHECK, and podman would drop the server's.
     # shellcheck disable=SC2086  # $mount is one optional word
-    podman build --quiet --file "$repo/deploy/$dockerfile" --ignorefile "$repo/deploy/$dockerfile.dockerignore" \
+    podman build --quiet --format docker --file "$repo/deploy/$dockerfile" --ignorefile "$repo/deploy/$dockerfile.dockerignore" \
         --build-arg TORCH_INDEX_URL="$index" $mount "$@" "$repo"
 }
 build server.Dockerfile --target torch-cpu --tag pum-torch-cpu
@@ -91,11 +94,13 @@ from pum.demo.assets import tiny_assets
 
 work = Path(sys.argv[1])
 assets = tiny_assets(work / "cache")
-shutil.copytree(assets.model_dir, work / "models" / "pum-demo-tiny")
+shutil.copytree(assets.model_dir, work / "models" / "pum-demo-tiny", dirs_exist_ok=True)
 shutil.copy(assets.split("forget10"), work / "data" / "forget.json")
 shutil.copy(assets.split("retain90"), work / "data" / "retain.json")
 EOF
-chown -R 10001 "$work/saves"  # the images' user (PUM_UID's default) writes the merged model there
+# The images' user (PUM_UID's default, 10001) reads the model and the data and writes the merged model.
+chmod -R a+rX "$work/models" "$work/data"
+chown -R 10001 "$work/saves"
 
 # podman 4.3 runs no health checks by itself (no systemd timers here) and podman-compose skips the
 # service_healthy condition before podman 4.6: the order that depends_on asks for is kept here,

@@ -16,6 +16,7 @@ from packaging.version import Version
 def test_shipped_torch_satisfies_what_transformers_needs():
     needs = installed_transformers()
     assert needs.metadata_min is not None and needs.import_gate_min is not None  # both readers found it
+    assert needs.minimum == max(needs.metadata_min, needs.import_gate_min)
     pins = shipped_torch_pins()
     assert set(pins) == {"Makefile TORCH_PIN", "server.Dockerfile TORCH_VERSION", "worker.Dockerfile BASE_IMAGE"}
     assert torch_problems(pins, project_ranges(), needs) == []
@@ -40,8 +41,7 @@ def test_worker_calls_from_pretrained_with_dtype():
     assert project_ranges()["transformers"].contains("4.56.0") and not project_ranges()["transformers"].contains("4.55.4")
 
 
-GATE = '''
-@lru_cache
+GATE_5 = '''
 def is_torch_available() -> bool:
     try:
         is_available, torch_version = _is_package_available("torch", return_version=True)
@@ -49,18 +49,23 @@ def is_torch_available() -> bool:
         if is_available and parsed_version < version.parse("2.6.0"):
             logger.warning_once(f"Disabling PyTorch because PyTorch >= 2.6 is required but found {torch_version}")
         return is_available and version.parse(torch_version) >= version.parse("2.6.0")
-    except packaging.version.InvalidVersion:
-        return False
-
-
-def get_torch_version() -> str:
-    return version.parse("9.9")
+'''
+GATE_4 = '''
+_torch_available = False
+if USE_TORCH in ENV_VARS_TRUE_AND_AUTO_VALUES and USE_TF not in ENV_VARS_TRUE_VALUES:
+    _torch_available, _torch_version = _is_package_available("torch", return_version=True)
+    if _torch_available:
+        _torch_available = version.parse(_torch_version) >= version.parse("2.1.0")
+        if not _torch_available:
+            logger.warning(f"Disabling PyTorch because PyTorch >= 2.1 is required but found {_torch_version}")
 '''
 
 
-def test_import_gate_is_read_from_the_function_body():
-    assert import_gate_min(GATE) == Version("2.6.0")
-    assert import_gate_min(GATE.replace('< version.parse("2.6.0")', "")) is None  # not the next function's
+def test_import_gate_is_read_in_both_forms():
+    # transformers 5.x checks in is_torch_available(); 4.56 at import, in a module-level flag.
+    assert import_gate_min(GATE_5) == Version("2.6")
+    assert import_gate_min(GATE_4) == Version("2.1")
+    assert import_gate_min("def is_torch_available():\n    return True\n") is None
 
 
 NEEDS = TransformersTorchNeeds(Version("5.24.0"), Version("2.6"), Version("2.6.0"))

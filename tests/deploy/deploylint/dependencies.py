@@ -33,7 +33,7 @@ class TransformersTorchNeeds:
 
     version: Version  # the transformers release
     metadata_min: Version | None  # from Requires-Dist: torch>=X; extra == "torch"
-    import_gate_min: Version | None  # from is_torch_available() in transformers/utils/import_utils.py
+    import_gate_min: Version | None  # where transformers/utils/import_utils.py switches PyTorch off
 
     @property
     def minimum(self) -> Version:
@@ -67,9 +67,12 @@ def installed_transformers() -> TransformersTorchNeeds:
 
 
 def import_gate_min(import_utils_source: str) -> Version | None:
-    """The version below which `is_torch_available()` says False: the `< version.parse("X")` in its body."""
-    body = re.search(r"def is_torch_available\(\).*?(?=\n(?:@|def ))", import_utils_source, re.S)
-    found = re.search(r"<\s*version\.parse\(\s*[\"']([\d.]+)[\"']\s*\)", body.group(0)) if body else None
+    """The version below which transformers switches PyTorch off, from the warning it logs then.
+
+    The check moved between releases (a module-level flag in 4.x, `is_torch_available()` in 5.x);
+    its message, "Disabling PyTorch because PyTorch >= X is required", is the same in both.
+    """
+    found = re.search(r"Disabling PyTorch because PyTorch >= ([\d.]+) is required", import_utils_source)
     return Version(found.group(1)) if found else None
 
 
