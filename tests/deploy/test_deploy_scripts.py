@@ -75,6 +75,8 @@ while k < len(sys.argv):
     k += 1
 if words[:1] == ["admin"]:
     command = words[1]
+    if command == os.environ.get("FAKE_FAIL"):
+        sys.exit(print("pum admin: POST /v1/jobs: 500 Internal Server Error", file=sys.stderr) or 2)
     answer = {{"create": {{"id": "job-new"}}, "token": {{"token": "secret-" + sys.argv[-1]}},
               "status": {{"id": words[-1], "state": os.environ.get("FAKE_STATE", "running")}}}}.get(command, {{}})
     print(json.dumps(answer))
@@ -137,6 +139,16 @@ def test_setup_script_passes_the_ca_file_and_refuses_bad_input(fake_pum, tmp_pat
     assert fake_pum("setup.sh", ["/job.yaml", "../evil"], **env)[0].returncode == 2
     result, _ = fake_pum("setup.sh", ["/job.yaml", "w0"], PUM_TOKENS_DIR=str(tmp_path / "t"))
     assert result.returncode != 0 and "PUM_ADMIN_TOKEN" in result.stderr
+
+
+def test_setup_script_stops_in_one_line_when_the_server_refuses(fake_pum, tmp_path):
+    env = {"PUM_ADMIN_TOKEN": "admin", "PUM_TOKENS_DIR": str(tmp_path / "t"), "FAKE_FAIL": "create"}
+    result, calls = fake_pum("setup.sh", ["/job.yaml", "w0"], **env)
+    assert result.returncode != 0
+    assert [c["argv"][1] for c in calls] == ["create"]  # no token issued, no start
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "pum admin: POST /v1/jobs: 500 Internal Server Error", "setup: no id in the answer (see the error above)"]
 
 
 def test_worker_entry_passes_the_token_through_the_environment(fake_pum, tmp_path, check_cli):
