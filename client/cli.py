@@ -66,7 +66,7 @@ def add_parsers(subparsers) -> None:
         commands.add_parser(name, help=f"{name} a job" if name != "status" else "show a job").add_argument("job_id", help=JOB_ID_HELP)
     token = commands.add_parser("token", help="issue a worker token for a job")
     token.add_argument("job_id", help=JOB_ID_HELP)
-    token.add_argument("--label", default="worker", help="a name for the worker, shown in the job's status (default worker)")
+    token.add_argument("--label", default="worker", help="a name for the worker that gets the token (default worker)")
     wait = commands.add_parser("wait", help="wait until a job is finalized, aborted or failed, showing its progress")
     wait.add_argument("job_id", help=JOB_ID_HELP)
     wait.add_argument("--timeout", type=float, help="give up after this many seconds (default: wait as long as the job runs)")

@@ -10,7 +10,7 @@
 #   PUM_TORCH_INDEX  a pip index with the CPU torch wheel for the image build; default: a local index
 #                    made with `pip download` from this host's pip configuration
 #   PUM_E2E_KEEP=1   keep the containers, volumes and WORKDIR for a look afterwards
-# Needs: podman, mmdebstrap (for the stand-in base image), podman-compose (pip install -e '.[test]').
+# Needs: podman, runc, mmdebstrap (for the stand-in base image), podman-compose (pip install -e '.[deploy]').
 set -eu
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
