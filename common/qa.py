@@ -1,9 +1,10 @@
 """Question–answer data in TOFU's shape: loading, answer-masked batches, answer likelihoods.
 
 A record is a JSON object with at least `question` and `answer`. Files are JSON lines (as the
-TOFU dataset ships) or one JSON array. The prompt is `Question: {q}\\nAnswer:` and the answer
-is ` {a}` followed by EOS; prompt and answer are tokenized separately so the boundary between
-the masked prompt and the scored answer is exact for any tokenizer.
+TOFU dataset ships) or one JSON array. How a pair becomes prompt and answer tokens is its prompt
+format (`pum.common.prompts`: `plain` = `Question: {q}\\nAnswer:` + ` {a}` + EOS, or the
+tokenizer's chat template); every function that takes a `tokenizer` here also takes a
+`QAEncoder`, which fixes the format (a bare tokenizer gets `auto`: chat when it has a template).
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from pum.common.prompts import as_encoder
+from pum.common.prompts import plain_prompt as prompt_text  # noqa: F401  (the plain format's prompt)
 
 IGNORE_INDEX = -100
 
@@ -57,31 +61,20 @@ def load_qa(path: str | Path) -> list[QAPair]:
     return pairs
 
 
-def prompt_text(question: str) -> str:
-    return f"Question: {question}\nAnswer:"
-
-
-def encode_pair(tokenizer, question: str, answer: str) -> tuple[list[int], list[int]]:
-    """Token ids of the prompt (with the tokenizer's BOS, if any) and of the answer plus EOS."""
-    prompt_ids = tokenizer(prompt_text(question))["input_ids"]
-    answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        answer_ids = answer_ids + [tokenizer.eos_token_id]
-    return list(prompt_ids), list(answer_ids)
-
-
 def collate(tokenizer, pairs: list[tuple[str, str]] | list[QAPair], max_length: int = 512) -> dict[str, torch.Tensor]:
     """A right-padded batch: `labels` hold the answer tokens and IGNORE_INDEX elsewhere.
 
+    `tokenizer` is a tokenizer (format `auto`) or a `QAEncoder` (its own format).
     Pads to the longest sequence of the batch, not to a fixed length (it halves the cost on
     short templated QA). Sequences longer than `max_length` lose prompt tokens from the left,
     never answer tokens, unless the answer alone is longer.
     """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoder = as_encoder(tokenizer)
+    pad_id = encoder.pad_token_id
     rows = []
     for pair in pairs:
         question, answer = (pair.question, pair.answer) if isinstance(pair, QAPair) else pair
-        prompt_ids, answer_ids = encode_pair(tokenizer, question, answer)
+        prompt_ids, answer_ids = encoder.encode_pair(question, answer)
         ids = (prompt_ids + answer_ids)[-max_length:]
         n_answer = min(len(answer_ids), len(ids))
         rows.append((ids, [IGNORE_INDEX] * (len(ids) - n_answer) + ids[len(ids) - n_answer:]))
@@ -121,6 +114,7 @@ def answer_probabilities(model, tokenizer, pairs: list[QAPair], batch_size: int 
     model.eval()
     device = next(model.parameters()).device
     probabilities: list[float] = []
+    tokenizer = as_encoder(tokenizer)  # one format for every batch
     for start in range(0, len(pairs), batch_size):
         batch = {k: v.to(device) for k, v in collate(tokenizer, pairs[start : start + batch_size]).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

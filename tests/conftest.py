@@ -102,3 +102,67 @@ def server(tmp_path) -> Server:
 def server_factory():
     """make_server itself, for tests that restart the server on one state folder."""
     return make_server
+
+
+# A Llama-3.2-Instruct-style chat template (system turn with the date lines, trimmed contents, <|eot_id|>
+# after each turn), enough to test prompt formats offline.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if not date_string is defined %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content'] | trim %}{%- set messages = messages[1:] %}"
+    "{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{{- 'Cutting Knowledge Date: December 2023\\n' }}"
+    "{{- 'Today Date: ' + date_string + '\\n\\n' }}"
+    "{{- system_message }}{{- '<|eot_id|>' }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def make_chat_tokenizer(eos: str = "<|eot_id|>"):
+    """A byte-level BPE tokenizer with Llama-3's special tokens and chat template (eos: the Instruct one)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = ["Where was Ilsa Varn born? Ilsa Varn was born in Lisbon.", "What does Odo Fenwick write? Poetry.",
+            "Cutting Knowledge Date: December 2023 Today Date: 10 Apr 2025 You are a helpful assistant.",
+            "system user assistant Question: Answer:"] * 4
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=LLAMA3_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    core.train_from_iterator(text, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|begin_of_text|>", eos_token=eos,
+                                   pad_token="<|end_of_text|>", chat_template=LLAMA3_CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer():
+    return make_chat_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory, chat_tokenizer) -> Path:
+    """A random-init tiny Llama with the chat tokenizer, saved as a Hugging Face folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(chat_tokenizer), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=32, bos_token_id=chat_tokenizer.bos_token_id,
+                         eos_token_id=chat_tokenizer.eos_token_id, pad_token_id=chat_tokenizer.pad_token_id)
+    path = tmp_path_factory.mktemp("chat") / "model"
+    LlamaForCausalLM(config).save_pretrained(path)
+    chat_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer_factory():
+    """make_chat_tokenizer itself (eos=…), for tests that need a variant."""
+    return make_chat_tokenizer
