@@ -98,8 +98,13 @@ def test_a_template_without_system_role_gets_no_system_message(chat_tokenizer_fa
     tokenizer = chat_tokenizer_factory()
     tokenizer.chat_template = (
         "{%- if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{%- endif %}"
-        "{%- for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>' + m['content'] + '<|eot_id|>' }}"
+        "{%- for m in messages %}{%- set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+        "{{ '<|start_header_id|>' + role + '<|end_header_id|>' + m['content'] + '<|eot_id|>' }}"
         "{%- endfor %}{%- if add_generation_prompt %}{{ '<|start_header_id|>model<|end_header_id|>' }}{%- endif %}")
     prompt_ids, answer_ids = QAEncoder(tokenizer, "chat").encode_pair(Q, A)
     assert tokenizer.decode(prompt_ids) == f"<|start_header_id|>user<|end_header_id|>{Q}<|eot_id|><|start_header_id|>model<|end_header_id|>"
     assert tokenizer.decode(answer_ids) == A + "<|eot_id|>"
+    broken = chat_tokenizer_factory()
+    broken.chat_template = tokenizer.chat_template.replace("set role = 'model' if", "set role = 'x' if")
+    with pytest.raises(ValueError, match="does not write the generation prompt as the start"):
+        QAEncoder(broken, "chat").encode_pair(Q, A)
