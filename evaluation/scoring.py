@@ -1,7 +1,7 @@
 """The model's side of evaluation: teacher-forced answer scores, greedy answers, ROUGE-L recall.
 
 `score_answers` runs one forward pass per batch of (question, answer) pairs, in the prompt format of
-`pum.common.qa`, and keeps per answer token what every metric of `metrics.py` needs: log p(y_t),
+the `QAEncoder` given (a bare tokenizer gets `auto`, `pum.common.prompts`), and keeps per answer token what every metric of `metrics.py` needs: log p(y_t),
 μ_t and σ_t of log p under the model's next-token distribution (min-k++), and whether the argmax
 equals y_t (extraction strength). `generate_answers` decodes greedily from left-padded prompts.
 Both sort their inputs by length to pad less, and return results in input order.
@@ -16,7 +16,8 @@ from functools import lru_cache
 import torch
 from tqdm.auto import tqdm
 
-from pum.common.qa import IGNORE_INDEX, QAPair, collate, prompt_text, token_nll
+from pum.common.prompts import as_encoder
+from pum.common.qa import IGNORE_INDEX, QAPair, collate, token_nll
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_MAX_NEW_TOKENS = 200  # DESIGN.md §7
@@ -61,6 +62,7 @@ def score_answers(model, tokenizer, pairs: list[QAPair], batch_size: int = DEFAU
         raise ValueError(f"batch_size must be ≥ 1 (got {batch_size})")
     model.eval()
     device = _device(model)
+    tokenizer = as_encoder(tokenizer)  # one prompt format for every batch
     order = _by_length(pairs, lambda p: len(p.question) + len(p.answer))
     results: list[AnswerScore | None] = [None] * len(pairs)
     with tqdm(total=len(pairs), desc=desc, disable=not progress, leave=False) as bar:
@@ -93,10 +95,11 @@ def score_answers(model, tokenizer, pairs: list[QAPair], batch_size: int = DEFAU
 def generate_answers(model, tokenizer, questions: list[str], batch_size: int = DEFAULT_BATCH_SIZE,
                      max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, progress: bool = False,
                      desc: str = "generating") -> list[str]:
-    """Greedy answers to `questions` (prompt `Question: …\\nAnswer:`), up to `max_new_tokens`, stopping at EOS.
+    """Greedy answers to `questions` in the encoder's prompt format, up to `max_new_tokens`, stopping at EOS.
 
     Prompts are left-padded so every row's last prompt token sits at the same position; the text
-    after the prompt, up to the first EOS, is decoded without special tokens and stripped.
+    after the prompt, up to the first stop token (EOS, or a chat template's end-of-turn token), is
+    decoded without special tokens and stripped.
     """
     from transformers import GenerationConfig
 
@@ -104,13 +107,14 @@ def generate_answers(model, tokenizer, questions: list[str], batch_size: int = D
         raise ValueError(f"batch_size and max_new_tokens must be ≥ 1 (got {batch_size}, {max_new_tokens})")
     model.eval()
     device = _device(model)
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    encoder = as_encoder(tokenizer)
+    tokenizer = encoder.tokenizer
+    stops, pad = encoder.stop_token_ids(), encoder.pad_token_id
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an EOS token: batched generation needs one")
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              pad_token_id=pad, eos_token_id=eos, bos_token_id=tokenizer.bos_token_id)
-    prompts = [list(tokenizer(prompt_text(q))["input_ids"]) for q in questions]
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
+                              eos_token_id=stops or None, bos_token_id=tokenizer.bos_token_id)
+    prompts = [encoder.prompt_ids(q) for q in questions]
     order = _by_length(prompts, len)
     answers: list[str] = [""] * len(questions)
     with tqdm(total=len(questions), desc=desc, disable=not progress, leave=False) as bar:
@@ -127,8 +131,8 @@ def generate_answers(model, tokenizer, questions: list[str], batch_size: int = D
                                  generation_config=config)
             for row, index in enumerate(chunk):
                 new = out[row, width:].tolist()
-                if eos is not None and eos in new:
-                    new = new[: new.index(eos)]
+                ends = [new.index(stop) for stop in stops if stop in new]
+                new = new[: min(ends)] if ends else new
                 answers[index] = tokenizer.decode(new, skip_special_tokens=True).strip()
             bar.update(len(chunk))
     return answers
@@ -141,9 +145,16 @@ def _rouge_scorer():
     from rouge_score import rouge_scorer
 
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score logs "Using default tokenizer." at INFO
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+
+
+def rouge_scores(reference: str, prediction: str) -> dict[str, float]:
+    """ROUGE-1 recall, ROUGE-L F1 and ROUGE-L recall with Porter stemming (rouge-score), open-unlearning's three."""
+    score = _rouge_scorer().score(reference, prediction)
+    return {"rouge1_recall": float(score["rouge1"].recall), "rougeL_f1": float(score["rougeL"].fmeasure),
+            "rougeL_recall": float(score["rougeL"].recall)}
 
 
 def rouge_l_recall(reference: str, prediction: str) -> float:
     """ROUGE-L recall with Porter stemming: LCS(reference, prediction) / |reference| in words (rouge-score)."""
-    return float(_rouge_scorer().score(reference, prediction)["rougeL"].recall)
+    return rouge_scores(reference, prediction)["rougeL_recall"]

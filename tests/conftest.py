@@ -166,3 +166,86 @@ def chat_model_dir(tmp_path_factory, chat_tokenizer) -> Path:
 def chat_tokenizer_factory():
     """make_chat_tokenizer itself (eos=…), for tests that need a variant."""
     return make_chat_tokenizer
+
+
+def fill_hf_cache(source: Path, repo_id: str, cache_dir: Path, repo_type: str = "model") -> Path:
+    """Put the files of `source` into a Hugging Face cache with huggingface_hub's own download code.
+
+    A throw-away HTTP server on 127.0.0.1 plays the Hub for the two calls `hf_hub_download` makes per
+    file (HEAD for the commit, ETag and size; GET for the bytes), so the cache layout (blobs, refs,
+    snapshots with symlinks) is the one huggingface_hub writes. Returns the snapshot folder.
+    """
+    import hashlib
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from huggingface_hub import hf_hub_download
+
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    prefix = ("/datasets/" if repo_type == "dataset" else "/") + f"{repo_id}/resolve/"
+
+    class Hub(BaseHTTPRequestHandler):
+        def _file(self):
+            if not self.path.startswith(prefix):
+                return None
+            name = self.path[len(prefix):].split("/", 1)[1]
+            path = source / name
+            return path.read_bytes() if path.is_file() else None
+
+        def _head(self, body):
+            if body is None:
+                self.send_response(404)
+                self.end_headers()
+                return False
+            self.send_response(200)
+            self.send_header("X-Repo-Commit", commit)
+            self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            return True
+
+        def do_HEAD(self):
+            self._head(self._file())
+
+        def do_GET(self):
+            body = self._file()
+            if self._head(body):
+                self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        for path in sorted(p for p in source.rglob("*") if p.is_file()):
+            hf_hub_download(repo_id, path.relative_to(source).as_posix(), repo_type=repo_type, cache_dir=cache_dir,
+                            endpoint=endpoint)
+    finally:
+        server.shutdown()
+        server.server_close()
+    kind = "datasets" if repo_type == "dataset" else "models"
+    return cache_dir / f"{kind}--{repo_id.replace('/', '--')}" / "snapshots" / commit
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache that huggingface_hub reads by default in this test; fill it with `fill`."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # resolving never goes to the network
+
+    class Cache:
+        path = cache
+
+        @staticmethod
+        def fill(source: Path, repo_id: str, repo_type: str = "model") -> Path:
+            return fill_hf_cache(source, repo_id, cache, repo_type)
+
+    return Cache
