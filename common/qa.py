@@ -49,9 +49,13 @@ def load_records(path: str | Path) -> list[dict]:
 
 
 def load_qa(path: str | Path) -> list[QAPair]:
-    """The question–answer pairs of a file; refuses records without both fields."""
+    """The question–answer pairs of a split file or saved split folder (`pum.common.splits`); refuses
+    records without both fields."""
+    from pum.common.splits import read_split
+
+    records = load_records(path) if Path(path).is_file() else read_split(path)[0]
     pairs = []
-    for number, record in enumerate(load_records(path), start=1):
+    for number, record in enumerate(records, start=1):
         question, answer = record.get("question"), record.get("answer")
         if not isinstance(question, str) or not isinstance(answer, str):
             raise ValueError(f"{path}: record {number} needs string fields 'question' and 'answer'")

@@ -7,15 +7,19 @@ membership inference reads `holdout{NN}`, utility reads `retain_perturbed`, plus
 `real_authors_perturbed` and `world_facts_perturbed` when present (their answer plus
 `perturbed_answer` are exactly option1..4 of `real_authors.json` / `world_facts.json`). The first
 three are required; a missing utility split is reported in `missing`, never an error.
+
+A split is read from what users of the `locuslab/TOFU` dataset have (`splits.py`): `{split}.json`
+JSON lines (the dataset repository's own files, e.g. a snapshot in the Hugging Face cache), or the
+`datasets` library's saves: a `{split}/` folder written by `save_to_disk` (a Dataset, or a
+DatasetDict with its `train` split), or Parquet files (`{split}.parquet`, `{split}/*.parquet`).
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pum.common.qa import load_records
+from pum.common.splits import find_split, read_split
 
 SPLITS = {"forget01": ("retain99", "holdout01"), "forget05": ("retain95", "holdout05"),
           "forget10": ("retain90", "holdout10")}
@@ -50,13 +54,6 @@ class TofuData:
         return SPLITS[self.forget_split][1]
 
 
-def _split_file(data_dir: Path, stem: str) -> Path | None:
-    for name in (f"{stem}.json", f"{stem}.jsonl"):
-        if (data_dir / name).is_file():
-            return data_dir / name
-    return None
-
-
 def _check(path: Path, records: list[dict], reference_key: str | None) -> None:
     """Refuse records the metrics cannot use, naming the file, the record and the field."""
     if not records:
@@ -85,14 +82,23 @@ def load_tofu(data_dir: str | Path, forget_split: str = "forget10", max_items: i
     stems.update({role: stem for role, (stem, _) in PERTURBED_ROLES.items() if stem})
     records, files, digests, missing = {}, {}, {}, []
     for role, stem in stems.items():
-        path = _split_file(data_dir, stem)
+        path = find_split(data_dir, stem)
         if path is None:
             if role in OPTIONAL_ROLES:
                 missing.append(role)
                 continue
-            raise FileNotFoundError(f"{data_dir} has no {stem}.json, needed for the {role} metrics")
-        rows = load_records(path)[:max_items]
+            raise FileNotFoundError(f"{data_dir} has no {stem}.json (nor a saved {stem}/ dataset), "
+                                    f"needed for the {role} metrics")
+        rows, digests[role] = read_split(path)
+        rows = rows[:max_items]
         _check(path, rows, PERTURBED_ROLES[role][1] if role in PERTURBED_ROLES else None)
         records[role], files[role] = rows, path.name
-        digests[role] = hashlib.sha256(path.read_bytes()).hexdigest()
     return TofuData(data_dir, forget_split, records, files, digests, missing, max_items)
+
+
+def resolve_data(name: str | Path) -> Path:
+    """A TOFU folder: `name` itself, or the cached snapshot of a dataset id such as `locuslab/TOFU`."""
+    from pum.common.hub import resolve_local
+
+    path = Path(name).expanduser()
+    return path if path.is_dir() else resolve_local(str(name), "--data", repo_type="dataset")

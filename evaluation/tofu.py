@@ -214,7 +214,7 @@ def _finish(logs: dict, summary: dict) -> dict:
     """Put the summary's forget quality, utility and privleak into the logs (as open-unlearning does)."""
     for name in ("forget_quality", "model_utility", "privleak"):
         logs[name] = {"agg_value": summary[name]}
-    logs[PUM_KEY]["summary"] = {k: v for k, v in summary.items() if k not in open_unlearning_summary(summary)}
+    logs.setdefault(PUM_KEY, {})["summary"] = {k: v for k, v in summary.items() if k not in open_unlearning_summary(summary)}
     return logs
 
 

@@ -11,7 +11,9 @@ import torch
 
 from pum.evaluation import metrics
 from pum.evaluation.data import load_tofu
-from pum.evaluation.summary import UTILITY_COMPONENTS, summarise
+from pum.evaluation.logs import scores
+from pum.evaluation.summary import SUMMARY_KEYS as OU_SUMMARY_KEYS
+from pum.evaluation.summary import UTILITY_COMPONENTS, open_unlearning_summary, summarise
 from pum.evaluation.tofu import EVAL_FILE, SUMMARY_FILE, EvalOptions, evaluate, evaluate_model, reference_eval
 
 # the benchmark data sits in shared/ beside the repository (PUM_TOFU_DATA overrides)
@@ -59,15 +61,17 @@ def test_retain_model_against_itself_has_forget_quality_one(assets, tmp_path):
 def test_files_hold_per_item_values_and_aggregates(against_random):
     out, summary = against_random
     written = json.loads((out / SUMMARY_FILE).read_text())
-    assert SUMMARY_KEYS <= set(written) and written == json.loads(json.dumps(summary))
-    doc = json.loads((out / EVAL_FILE).read_text())
-    assert set(doc["splits"]) == {"forget", "holdout", "retain"} and doc["missing"] == ["real_authors", "world_facts"]
-    item = doc["splits"]["forget"][0]
-    assert {"prob", "truth_ratio", "generation", "rouge_l_recall", "extraction_strength", "mia"} <= set(item)
-    assert len(item["perturbed_probs"]) == 5 and set(item["mia"]) == {"loss", "zlib", "min_k", "min_k_plus_plus"}
-    assert summary["n_forget"] == len(doc["splits"]["forget"]) == 6
-    assert summary["forget_truth_ratio"] == pytest.approx(
-        metrics.forget_truth_ratio([i["truth_ratio"] for i in doc["splits"]["forget"]]))
+    assert SUMMARY_KEYS <= set(summary) and list(written) == list(OU_SUMMARY_KEYS)
+    assert written == json.loads(json.dumps(open_unlearning_summary(summary)))
+    logs = json.loads((out / EVAL_FILE).read_text())
+    assert logs["pum"]["missing"] == ["real_authors", "world_facts"] and "ra_Q_A_Prob" not in logs
+    item = logs["forget_Q_A_ROUGE"]["value_by_index"]["0"]
+    assert set(item) == {"rouge1_recall", "rougeL_f1", "rougeL_recall", "input", "ground_truth", "generation"}
+    assert len(logs["forget_Q_A_PERT_Prob"]["value_by_index"]["0"]["prob"]) == 5
+    assert set(logs["mia_min_k"]) == {"forget", "holdout", "auc", "agg_value"}
+    assert summary["n_forget"] == len(logs["forget_truth_ratio"]["value_by_index"]) == 6
+    assert summary["forget_truth_ratio"] == pytest.approx(metrics.forget_truth_ratio(scores(logs, "forget_truth_ratio")))
+    assert logs["forget_quality"] == {"agg_value": summary["forget_quality"]}
 
 
 def test_missing_utility_splits_are_skipped_and_flagged(against_random):
@@ -89,8 +93,8 @@ def test_forget_quality_against_an_unrelated_model_is_low_and_floors_are_marked(
 
 
 def test_retain_evaluation_is_cached_and_reused(assets, random_retain, against_random, tmp_path, caplog):
-    cached = random_retain / EVAL_FILE
-    assert cached.is_file() and (random_retain / SUMMARY_FILE).is_file()
+    cached = random_retain / "evals" / EVAL_FILE
+    assert cached.is_file() and (random_retain / "evals" / SUMMARY_FILE).is_file()
     before = cached.stat().st_mtime_ns
     with caplog.at_level(logging.INFO, logger="pum.evaluation.tofu"):
         again = evaluate(assets.model_dir, assets.data_dir, "forget10", retain_model_dir=random_retain,
@@ -101,9 +105,9 @@ def test_retain_evaluation_is_cached_and_reused(assets, random_retain, against_r
 
 def test_precomputed_reference_file_is_accepted_and_a_mismatched_one_refused(assets, random_retain, against_random, tmp_path):
     data = load_tofu(assets.data_dir, "forget10")
-    doc = reference_eval(random_retain / EVAL_FILE, data, EvalOptions())
-    assert doc == json.loads((random_retain / EVAL_FILE).read_text())
-    other = {**doc, "digests": {**doc["digests"], "holdout": "0" * 64}}
+    doc = reference_eval(random_retain / "evals" / EVAL_FILE, data, EvalOptions())
+    assert doc == json.loads((random_retain / "evals" / EVAL_FILE).read_text())
+    other = {**doc, "pum": {**doc["pum"], "digests": {**doc["pum"]["digests"], "holdout": "0" * 64}}}
     (tmp_path / EVAL_FILE).write_text(json.dumps(other))
     with pytest.raises(ValueError, match="holdout file differs"):
         reference_eval(tmp_path, data, EvalOptions())
@@ -133,10 +137,11 @@ def test_real_tofu_forget01_loads_and_is_scored(loaded):
     small = dataclasses.replace(data, records={role: rows if role in ("forget", "holdout") else rows[:4]
                                                for role, rows in data.records.items()})
     model, tok = loaded
-    doc = evaluate_model(model, tok, small, EvalOptions(max_new_tokens=8))
-    forget = doc["splits"]["forget"]
-    assert len(forget) == 40 and all(0 < i["truth_ratio"] < float("inf") for i in forget)
-    assert all(0 < i["normalised_prob"] < 1 and len(i["perturbed_probs"]) == 3 for i in doc["splits"]["real_authors"])
-    summary = summarise(doc, doc)
+    logs = evaluate_model(model, tok, small, EvalOptions(max_new_tokens=8))
+    ratios = scores(logs, "forget_truth_ratio")
+    assert len(ratios) == 40 and all(0 < r < float("inf") for r in ratios)
+    assert all(0 < v["prob"] < 1 for v in logs["ra_Q_A_Prob_normalised"]["value_by_index"].values())
+    assert all(len(v["prob"]) == 3 for v in logs["ra_Q_A_PERT_Prob"]["value_by_index"].values())
+    summary = summarise(logs, logs)
     assert summary["forget_quality"] == 1.0 and summary["forget_quality_floor"] == pytest.approx(1.86e-23, rel=1e-2)
     assert summary["model_utility_partial"] is False and 0 <= summary["model_utility"] <= 1
