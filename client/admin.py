@@ -1,4 +1,4 @@
-"""The admin's side of the wire (AdminAPI) and the job-file loader used by `pum admin create`."""
+"""The admin's side of the wire (AdminAPI); job files are read by `pum.client.job_file`."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import httpx
-import yaml
-
-from pum.common.settings import PumSettings
 
 from .api import raise_for_status
+from .job_file import load_job_file  # noqa: F401  (re-exported: callers import it from here)
 from .progress import BarFactory, byte_bar
 
 END_STATES = ("finalized", "aborted", "failed")
@@ -72,25 +70,3 @@ class AdminAPI:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {status['state']} (round {status['round']}) after {timeout_s:g} s")
             sleep(poll_s)
-
-
-def load_job_file(path: Path, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """A job YAML: `task`, `model_dir`, `hyperparams`, and PUM settings under `pum:`.
-
-    The PUM settings are validated here (the environment overrides the file, DESIGN.md §8), so a
-    bad value is reported before anything is sent.
-    """
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a job file is a mapping with task, model_dir, pum and hyperparams")
-    unknown = sorted(set(data) - {"task", "model_dir", "pum", "hyperparams"})
-    if unknown:
-        raise ValueError(f"{path}: unknown top-level keys {unknown}; allowed: task, model_dir, pum, hyperparams")
-    for key in ("task", "model_dir"):
-        if not isinstance(data.get(key), str):
-            raise ValueError(f"{path}: '{key}' is required (a string)")
-    settings = PumSettings.from_sources(path, environ)
-    return {
-        "task": data["task"], "model_dir": data["model_dir"],
-        "pum": settings.to_public_dict(), "hyperparams": data.get("hyperparams") or {},
-    }

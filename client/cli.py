@@ -40,15 +40,22 @@ def add_parsers(subparsers) -> None:
     worker.set_defaults(run=run_worker)
 
     unlearn = subparsers.add_parser("unlearn", help="run an inner method directly on a model (the baseline, no PUM)")
-    unlearn.add_argument("model_dir", help="Hugging Face model folder (with tokenizer)")
-    unlearn.add_argument("--forget", required=True, help="forget set: JSON lines with question/answer")
+    unlearn.add_argument("model_dir", help="Hugging Face model folder (with tokenizer), or a model id in the local cache")
+    unlearn.add_argument("--forget", required=True, help="forget split: JSON lines, or a datasets save_to_disk folder")
     unlearn.add_argument("--retain", help="retain set (needed by GradDiff, NPO)")
     unlearn.add_argument("--out", required=True, help="where the unlearned model is saved")
     unlearn.add_argument("--method", default=os.environ.get("PUM_INNER_HANDLER", "GradDiff"),
                          help="inner method: GradAscent, GradDiff, NPO, SimNPO, DPO, RMU, ... (or PUM_INNER_HANDLER; default GradDiff)")
-    unlearn.add_argument("--epochs", type=float, default=float(os.environ.get("PUM_LOCAL_EPOCHS", 5)),
-                         help="training epochs over the forget set (or PUM_LOCAL_EPOCHS; default 5)")
-    unlearn.add_argument("--hyperparams", default="{}", help='JSON, e.g. {"lr": 1e-5, "batch_size": 32, "beta": 0.1}')
+    unlearn.add_argument("--epochs", type=float, default=None,
+                         help="epochs over the forget set (default: num_train_epochs in --hyperparams, "
+                              "else PUM_LOCAL_EPOCHS, else 5)")
+    unlearn.add_argument("--hyperparams", default="{}",
+                         help='JSON, PUM\'s or open-unlearning\'s names: {"lr": 1e-5, "batch_size": 32, "beta": 0.1} '
+                              'or {"learning_rate": 1e-5, "per_device_train_batch_size": 8, '
+                              '"gradient_accumulation_steps": 4, "num_train_epochs": 10, "warmup_epochs": 1}')
+    unlearn.add_argument("--prompt-format", default="auto", choices=("auto", "chat", "plain"),
+                         help="chat: the tokenizer's chat template; plain: 'Question: …\\nAnswer:'; "
+                              "auto (default): chat when the tokenizer has a template")
     unlearn.add_argument("--device", help="cuda, cpu (default: the GPU if any)")
     unlearn.add_argument("--threads", type=int, help="torch CPU threads")
     unlearn.set_defaults(run=run_unlearn)
@@ -61,7 +68,11 @@ def add_parsers(subparsers) -> None:
     commands = admin.add_subparsers(dest="command", required=True)
     commands.add_parser("jobs", help="list jobs")
     create = commands.add_parser("create", help="create a job from a job YAML (task, model_dir, pum, hyperparams)")
-    create.add_argument("job_file", help="job YAML; PUM_* variables of the seed override its pum: section")
+    create.add_argument("job_file", help="job YAML, e.g. presets/tofu/NPO.yaml; PUM_* variables of the seed "
+                                         "override its pum: section")
+    create.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override the file (and the variables): task=…, model_dir=…, pum.NAME=…, "
+                             "hyperparams.NAME=… (repeatable)")
     for name in ("status", *ACTIONS):
         commands.add_parser(name, help=f"{name} a job" if name != "status" else "show a job").add_argument("job_id", help=JOB_ID_HELP)
     token = commands.add_parser("token", help="issue a worker token for a job")
@@ -107,6 +118,9 @@ def run_unlearn(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from pum.common.aliases import canonical_job
+    from pum.common.hub import resolve_local
+    from pum.common.prompts import QAEncoder
     from pum.common.qa import load_qa
     from pum.common.schemas import TaskSpec
 
@@ -115,13 +129,19 @@ def run_unlearn(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    task = TaskSpec(method=args.method, epochs=args.epochs, rounds=1, hyperparams=json.loads(args.hyperparams))
+    pum = {} if args.epochs is None else {"local_epochs": args.epochs}
+    pum, hyperparams = canonical_job(pum, json.loads(args.hyperparams))
+    epochs = pum.get("local_epochs", float(os.environ.get("PUM_LOCAL_EPOCHS", 5)))
+    task = TaskSpec(method=args.method, epochs=epochs, rounds=1, hyperparams=hyperparams,
+                    prompt_format=args.prompt_format)
     config = TrainConfig.from_task(task)
     device = args.device or default_device()
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir).to(device)
+    model_dir = resolve_local(args.model_dir, "model_dir")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
     retain = load_qa(args.retain) if args.retain else None
-    metrics = run_unlearning(model, tokenizer, load_qa(args.forget), retain, config, progress=True)
+    encoder = QAEncoder(tokenizer, task.prompt_format)
+    metrics = run_unlearning(model, encoder, load_qa(args.forget), retain, config, progress=True)
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     print(json.dumps({"saved": args.out, **metrics}, default=str))
@@ -137,7 +157,7 @@ def run_admin(args: argparse.Namespace) -> int:
         if args.command == "jobs":
             result = api.jobs()
         elif args.command == "create":
-            spec = load_job_file(Path(args.job_file))
+            spec = load_job_file(Path(args.job_file), overrides=args.overrides)
             result = api.create_job(spec["task"], spec["model_dir"], spec["pum"], spec["hyperparams"])
         elif args.command == "status":
             result = api.status(args.job_id)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from pum.client.methods import frozen_reference, get_method, parse_params
 from pum.client.methods.idk import check_idk_answers
+from pum.common.aliases import canonical_hyperparams
 from pum.common.qa import QAPair, collate
 from pum.common.schemas import TaskSpec
 
@@ -30,7 +31,8 @@ logger = logging.getLogger(__name__)
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "linear")
 # TaskSpec.hyperparams keys that configure the loop; every other key is a method parameter.
-TRAINER_KEYS = ("lr", "optimizer", "weight_decay", "batch_size", "warmup_steps", "schedule", "max_length", "seed")
+TRAINER_KEYS = ("lr", "optimizer", "weight_decay", "batch_size", "warmup_steps", "warmup_epochs", "schedule",
+                "max_length", "seed")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class TrainConfig:
     rounds: int = 1  # rounds R of the PUM job; the epoch budget is split over them
     round: int = 1  # which of the R rounds this run is: its batches continue where round − 1 stopped
     warmup_steps: int = 0  # linear warm-up steps before the peak learning rate
+    warmup_epochs: float | None = None  # warm-up in epochs of the forget set (open-unlearning's): see warmup_steps_for
     schedule: str = "constant"  # after warm-up: "constant", or "linear" decay towards 0 at the last step
     max_length: int = 512  # longest tokenized QA pair; prompts are cut from the left beyond it
     seed: int = 0  # seeds the batch order (and any dropout): same inputs and seed → same weights
@@ -70,6 +73,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer ≥ {least} (got {value!r})")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise ValueError(f"max_steps must be None (auto-balance) or an integer ≥ 1 (got {self.max_steps!r})")
+        if self.warmup_epochs is not None and (isinstance(self.warmup_epochs, bool) or not self.warmup_epochs >= 0
+                                               or self.warmup_steps):
+            raise ValueError(f"warmup_epochs must be a number ≥ 0, and warmup_steps unset (got {self.warmup_epochs!r}, "
+                             f"warmup_steps {self.warmup_steps})")
         if self.round > self.rounds:
             raise ValueError(f"round must be ≤ rounds = {self.rounds} (got {self.round})")
 
@@ -81,7 +88,7 @@ class TrainConfig:
         An unknown key is refused with a ValueError listing both sets of allowed keys.
         """
         method = get_method(task.method)
-        hyper = dict(task.hyperparams)
+        hyper = canonical_hyperparams(task.hyperparams)  # open-unlearning's names too (pum.common.aliases)
         loop = {key: hyper.pop(key) for key in TRAINER_KEYS if key in hyper}
         allowed_params = list(method.Params.__dataclass_fields__)
         unknown = sorted(set(hyper) - set(allowed_params))
@@ -90,7 +97,7 @@ class TrainConfig:
                 f"unknown hyperparameter(s) {', '.join(map(repr, unknown))} for method {method.name!r}; "
                 f"allowed: {', '.join(TRAINER_KEYS)} (trainer) and {', '.join(allowed_params) or 'none'} (method)"
             )
-        for key in ("lr", "weight_decay"):
+        for key in ("lr", "weight_decay", "warmup_epochs"):
             if key in loop and isinstance(loop[key], int) and not isinstance(loop[key], bool):
                 loop[key] = float(loop[key])
         return cls(
@@ -112,6 +119,14 @@ def planned_steps(config: TrainConfig, n_forget: int) -> int:
         raise ValueError(f"the forget set is empty (got {n_forget} pairs): there is nothing to unlearn")
     batches_per_epoch = math.ceil(n_forget / config.batch_size)
     return max(1, math.ceil(Fraction(repr(float(config.epochs))) * batches_per_epoch / config.rounds))
+
+
+def warmup_steps_for(config: TrainConfig, n_forget: int) -> int:
+    """`warmup_steps`, or ⌊warmup_epochs · n_forget / batch_size⌋ as open-unlearning computes it (its batch being
+    per-device size × accumulation × devices, PUM's `batch_size`)."""
+    if config.warmup_epochs is None:
+        return config.warmup_steps
+    return int(Fraction(repr(float(config.warmup_epochs))) * n_forget // config.batch_size)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -195,9 +210,8 @@ def run_unlearning(
     if not trainable:
         raise ValueError("the model has no trainable parameters")
     optimizer = _optimizer(config, trainable)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, steps, config.warmup_steps, config.schedule)
-    )
+    warmup = warmup_steps_for(config, len(forget))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup, config.schedule))
     forget_batches = _round_batches(forget, config, config.seed, steps)
     retain_batches = _round_batches(retain, config, config.seed + 1, steps) if use_retain else None
     method_generator = torch.Generator().manual_seed(config.seed + 2)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from pum.common.codec import TensorInfo, save_file_atomic
 from pum.common.errors import PumError
+from pum.common.prompts import QAEncoder
 from pum.common.qa import QAPair
 from pum.common.schemas import TaskSpec
 
@@ -103,6 +104,7 @@ class Worker:
                 self.api.download_copy(lease_id, workdir / "model.safetensors", bar.update, partial(set_total, bar))
             downloaded = time.perf_counter()
             model, tokenizer = _load(workdir, self.device)
+            tokenizer = QAEncoder(tokenizer, task.prompt_format)  # the job's prompt format for every batch
             received = load_file(workdir / "model.safetensors")
             metrics_log = (copy_dir / "train_log.jsonl").open("w")
             try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,4 +23,7 @@ class TaskSpec(BaseModel):
     rounds: int = Field(ge=1, description="rounds R of the job, for auto-balancing")
     hyperparams: dict[str, Any] = Field(
         default_factory=dict, description="optimiser and method hyperparameters (lr, batch_size, beta, ...)"
+    )
+    prompt_format: Literal["auto", "chat", "plain"] = Field(
+        "auto", description="chat (the tokenizer's template), plain, or auto: chat when the tokenizer has one"
     )

@@ -47,7 +47,7 @@ ENV_NAMES: dict[str, str] = {
     "inner_handler": "PUM_INNER_HANDLER", "local_epochs": "PUM_LOCAL_EPOCHS", "local_max_steps": "PUM_LOCAL_MAX_STEPS",
     "clip_update_norm": "PUM_CLIP_UPDATE_NORM", "clip_update_norm_per_layer": "PUM_CLIP_UPDATE_PER_LAYER",
     "use_orthogonal_reparam": "PUM_USE_REPARAM", "auto_advance": "PUM_AUTO_ADVANCE",
-    "per_token_copy_cap": "PUM_PER_TOKEN_COPY_CAP", "seed": "PUM_SEED",
+    "per_token_copy_cap": "PUM_PER_TOKEN_COPY_CAP", "seed": "PUM_SEED", "prompt_format": "PUM_PROMPT_FORMAT",
 }
 _FIELD_OF_ENV = {env: field for field, env in ENV_NAMES.items()}
 # Order grid of DESIGN.md §5: 1.25 … 5 in steps, every integer 6..63, then 128 and 256.
@@ -114,6 +114,9 @@ class PumSettings(BaseSettings):
     use_orthogonal_reparam: bool = Field(False, description="hide each copy behind secret orthogonal maps T_k")
     auto_advance: bool = Field(True, description="advance when all m copies are in; False = wait for an admin call")
     per_token_copy_cap: int | None = Field(None, ge=1, description="most copies of one round per worker token")
+    prompt_format: Literal["auto", "chat", "plain"] = Field(
+        "auto", description="how workers prompt: chat (the tokenizer's template, open-unlearning's TOFU prompt), "
+                            "plain ('Question: …\\nAnswer:'), auto = chat when the tokenizer has a template")
     seed: int | None = Field(
         None, ge=0, description="None = fresh secret randomness; an int makes α, seeds and transforms "
                                 "reproducible and predictable (tests only: it weakens secrecy)")
@@ -184,9 +187,10 @@ class PumSettings(BaseSettings):
 
     @classmethod
     def from_sources(cls, yaml_path: str | Path | None = None, environ: Mapping[str, str] | None = None,
-                     **overrides: Any) -> PumSettings:
-        """YAML file, then environment variables (`environ`, else os.environ) over it, then `overrides`."""
-        merged = _read_yaml(Path(yaml_path)) if yaml_path is not None else {}
+                     *, file_settings: Mapping[str, Any] | None = None, **overrides: Any) -> PumSettings:
+        """YAML file (or `file_settings`, a mapping already read from one), then environment variables
+        (`environ`, else os.environ) over it, then `overrides`."""
+        merged = _read_yaml(Path(yaml_path)) if yaml_path is not None else _canonical(file_settings or {}, "the file")
         merged.update(_read_env(os.environ if environ is None else environ))
         merged.update(_canonical(overrides, "the keyword overrides"))
         return cls.from_spec(merged)

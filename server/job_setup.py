@@ -13,8 +13,10 @@ from pathlib import Path
 from pum.common.center import check_same_layout, clip_thresholds, quantile_thresholds
 from pum.common.codec import SafetensorsFile
 from pum.common.errors import InvalidInput
+from pum.common.hub import resolve_local
 from pum.common.layers import group_names
 from pum.common.noise import job_key_from_seed, new_job_key
+from pum.common.prompts import folder_has_chat_template
 from pum.common.reparam import adapter_for
 from pum.common.settings import PumSettings
 
@@ -25,11 +27,14 @@ from .rounds import JobFiles, dp_sigmas, group_sizes, write_secret
 def create_job_files(files: JobFiles, source: Path, settings: PumSettings) -> dict:
     """Write the job's files; returns what the job spec records (dtypes, C_ℓ, base present)."""
     dtypes = ingest_model(source, files.theta(1), files.public)
+    if settings.prompt_format == "chat" and not folder_has_chat_template(files.public):
+        raise InvalidInput("prompt_format is chat, but the model's tokenizer has no chat template: "
+                           "use prompt_format plain (or auto)")
     with SafetensorsFile(files.theta(1)) as theta:
         groups = group_names(theta.names)
         sizes = group_sizes(theta.infos)
         if settings.base_model:
-            ingest_weights(Path(settings.base_model).expanduser(), files.base, "base_model")
+            ingest_weights(resolve_local(settings.base_model, "base_model"), files.base, "base_model")
             with SafetensorsFile(files.base) as base:
                 check_same_layout(theta, base, f"base_model {settings.base_model}")
         clip_norms = center_clip_norms(settings, groups, files)
@@ -73,7 +78,7 @@ def center_clip_norms(settings: PumSettings, groups: list[str], files: JobFiles)
         try:
             for i, path in enumerate(settings.center_clip_ref_model_paths):
                 target = files.root / f"reference_{i}.safetensors"
-                ingest_weights(Path(path).expanduser(), target, f"reference model {path}")
+                ingest_weights(resolve_local(path, "reference model"), target, f"reference model {path}")
                 references.append(SafetensorsFile(target))
             with SafetensorsFile(files.base) as base:
                 for ref in references:

@@ -26,6 +26,8 @@ from pum.common.errors import (
     Conflict, Forbidden, InvalidInput, LeaseExpired, NotFound, PumError, RangeNotSatisfiable, RequestTimeout,
     Unauthorized,
 )
+from pum.common.aliases import canonical_job
+from pum.common.hub import resolve_local
 from pum.common.schemas import TaskSpec
 from pum.common.settings import PumSettings
 
@@ -59,10 +61,9 @@ class JobService:
     def create_job(self, task: str, model_dir: str, pum: dict, hyperparams: dict) -> Job:
         if not TASK_NAME.match(task):
             raise InvalidInput(f"task {task!r} must be 1–100 letters, digits, '.', '_' or '-' (it names a folder)")
+        pum, hyperparams = canonical_job(pum, hyperparams)  # open-unlearning's names → PUM's
         settings = PumSettings.from_spec(pum)
-        source = Path(model_dir).expanduser()
-        if not source.is_dir():
-            raise InvalidInput(f"model_dir {model_dir} is not a folder on the server")
+        source = resolve_local(model_dir, "model_dir")  # a folder, or a Hugging Face id in the local cache
         job_id = "job-" + secrets.token_hex(6)
         files = self._files(job_id)
         try:
@@ -193,7 +194,7 @@ class JobService:
         log.info("job %s round %d: granted %s", job_id, job.round, lease.id)
         task = TaskSpec(
             method=settings.inner_handler, epochs=settings.local_epochs, max_steps=settings.local_max_steps,
-            rounds=settings.rounds_R, hyperparams=job.spec["hyperparams"],
+            rounds=settings.rounds_R, hyperparams=job.spec["hyperparams"], prompt_format=settings.prompt_format,
         )
         return {
             "status": "leased", "lease_id": lease.id, "job_id": job_id, "task_name": job.task,

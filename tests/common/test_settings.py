@@ -53,6 +53,7 @@ TABLE = [
     ("auto_advance", "PUM_AUTO_ADVANCE", "false", False),
     ("per_token_copy_cap", "PUM_PER_TOKEN_COPY_CAP", "1", 1),
     ("seed", "PUM_SEED", "1234", 1234),
+    ("prompt_format", "PUM_PROMPT_FORMAT", "chat", "chat"),
 ]
 
 GRID = [1.25, 1.5, 1.75, 2, 2.25, 2.5, 3, 3.5, 4, 4.5, 5, *range(6, 64), 128, 256]
