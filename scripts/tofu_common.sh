@@ -82,7 +82,7 @@ h.update(more)
 print(json.dumps(h))
 ' "$LR" "$BATCH_SIZE" "$WEIGHT_DECAY" "$SEED" "$HYPERPARAMS")"
 
-# run_eval DIR: TOFU metrics of the model in DIR, written to DIR/TOFU_SUMMARY.json.
+# run_eval DIR: TOFU metrics of the model in DIR, written to DIR/evals/TOFU_SUMMARY.json (open-unlearning's place).
 run_eval() {
   local eval_args=("$1" --data "$DATA_DIR" --forget-split "$FORGET_SPLIT" --max-new-tokens "$MAX_NEW_TOKENS"
     --batch-size "$EVAL_BATCH_SIZE" --no-progress)

@@ -5,6 +5,8 @@
 #
 #   scripts/tofu_pum.sh                                             # CPU models, forget10, GradDiff
 #   PUM_INNER_HANDLER=NPO PUM_NOISE_KAPPA=0.1 scripts/tofu_pum.sh
+#   scripts/tofu_pum.sh NPO                                         # presets/tofu/NPO.yaml: open-unlearning's
+#                                                                   # TOFU NPO settings and PUM's rounds for NPO
 #   MODEL_DIR=/models/tofu_Llama-3.2-1B_full RETAIN_MODEL_DIR=/models/tofu_Llama-3.2-1B_retain90 \
 #     N_WORKERS=4 scripts/tofu_pum.sh                               # one worker per GPU (CUDA_VISIBLE_DEVICES)
 #
@@ -16,15 +18,28 @@
 #   PUM_COPIES_M [4]  PUM_ROUNDS_R [2]  PUM_NOISE_KAPPA [0.01]  PUM_ALPHA_MIN [1]  PUM_ALPHA_MAX [2]
 #   PUM_JITTER_TAU [0]  PUM_LOCAL_MAX_STEPS (steps per copy; empty = epochs/R) []
 #   Any other PUM_* setting of DESIGN.md §8 in the environment is read by `pum admin create` too.
+#   With METHOD (a preset of presets/tofu/), the job is the preset's: its hyperparameters, rounds, copies
+#   and noise, with MODEL_DIR and TASK_NAME set on it, PUM_* variables in the environment over it, and on
+#   the CPU models LR and PUM_LOCAL_EPOCHS (their CPU defaults, or yours) too; HYPERPARAMS='{"beta": 0.2}'
+#   adds hyperparameters over the preset's.
 #   N_WORKERS          worker processes [one per GPU; 2 without GPUs]
 #   WORKER_THREADS     torch threads per CPU worker [1]
 #   TASK_NAME          [tofu_${FORGET_SPLIT}_${PUM_INNER_HANDLER}_pum]
-#   OUT_DIR            merged model, TOFU_SUMMARY.json, job.yaml, logs/, server/ (state),
+#   OUT_DIR            merged model, evals/TOFU_*.json, job.yaml, logs/, server/ (state),
 #                      pum_round{r}_copy{k}/ (worker logs) [saves/unlearn/$TASK_NAME]
 #   PUM_SERVER_PORT    [a free port]  PUM_ADMIN_TOKEN [generated]  JOB_TIMEOUT seconds [14400]
 set -euo pipefail
 
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PRESET=""
+if (($# > 0)); then
+  PRESET="$REPO_DIR/presets/tofu/$1.yaml"
+  if [[ ! -f "$PRESET" ]]; then
+    echo "error: no preset $PRESET; have: $(cd "$REPO_DIR/presets/tofu" && ls -- *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')" >&2
+    exit 2
+  fi
+  PUM_INNER_HANDLER="$1"
+fi
 # shellcheck source=scripts/tofu_common.sh
 . "$REPO_DIR/scripts/tofu_common.sh"
 
@@ -54,7 +69,7 @@ if ((${#GPUS[@]} > 0)); then N_WORKERS="${N_WORKERS:-${#GPUS[@]}}"; else N_WORKE
 
 mkdir -p "$OUT_DIR/logs"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
-MODEL_DIR="$(cd "$MODEL_DIR" && pwd)"  # the server resolves model_dir itself: make it absolute
+if [[ -d "$MODEL_DIR" ]]; then MODEL_DIR="$(cd "$MODEL_DIR" && pwd)"; fi  # absolute for the server (or a cached id)
 SERVER_DIR="$OUT_DIR/server"
 rm -rf "$SERVER_DIR"  # a fresh job state for every run of this script
 mkdir -p "$SERVER_DIR"
@@ -94,13 +109,27 @@ EOF
 admin() { pum --log-level WARNING admin --server "$SERVER_URL" "$@"; }
 json_field() { "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
 
-# ---- the job, from the environment
+# ---- the job: a preset with overrides, or from the environment
 JOB_FILE="$OUT_DIR/job.yaml"
-# Values travel as arguments, never pasted into code; YAML typed by yaml.safe_dump (1e-4 stays a number).
-# A noise scale other than κ in the environment (PUM_SIGMA, ...) replaces noise_kappa.
-"$PYTHON" - "$JOB_FILE" "$TASK_NAME" "$MODEL_DIR" "$PUM_COPIES_M" "$PUM_ROUNDS_R" "$PUM_NOISE_KAPPA" \
-  "$PUM_ALPHA_MIN" "$PUM_ALPHA_MAX" "$PUM_JITTER_TAU" "$PUM_INNER_HANDLER" "$PUM_LOCAL_EPOCHS" \
-  "$PUM_LOCAL_MAX_STEPS" "$TRAIN_HYPERPARAMS" << 'EOF'
+CREATE_ARGS=("$JOB_FILE")
+if [[ -n "$PRESET" ]]; then
+  cp "$PRESET" "$JOB_FILE"  # the job is the preset, with the overrides below (logged)
+  CREATE_ARGS+=(--set "model_dir=$MODEL_DIR" --set "task=$TASK_NAME")
+  if [[ "$CPU_MODELS" == 1 ]]; then  # tiny CPU models need a larger learning rate than TOFU's 1e-5 (CPU-NOTES.md)
+    CREATE_ARGS+=(--set "hyperparams.learning_rate=$LR" --set "hyperparams.num_train_epochs=$PUM_LOCAL_EPOCHS")
+  fi
+  while IFS= read -r pair; do CREATE_ARGS+=(--set "hyperparams.$pair"); done < <("$PYTHON" -c '
+import json, sys
+for key, value in json.loads(sys.argv[1] or "{}").items():
+    print(f"{key}={json.dumps(value)}")
+' "$HYPERPARAMS")
+  log "job from preset $PRESET: ${CREATE_ARGS[*]:1}"
+else
+  # Values travel as arguments, never pasted into code; YAML typed by yaml.safe_dump (1e-4 stays a number).
+  # A noise scale other than κ in the environment (PUM_SIGMA, ...) replaces noise_kappa.
+  "$PYTHON" - "$JOB_FILE" "$TASK_NAME" "$MODEL_DIR" "$PUM_COPIES_M" "$PUM_ROUNDS_R" "$PUM_NOISE_KAPPA" \
+    "$PUM_ALPHA_MIN" "$PUM_ALPHA_MAX" "$PUM_JITTER_TAU" "$PUM_INNER_HANDLER" "$PUM_LOCAL_EPOCHS" \
+    "$PUM_LOCAL_MAX_STEPS" "$TRAIN_HYPERPARAMS" << 'EOF'
 import json, os, sys
 import yaml
 path, task, model_dir, m, rounds, kappa, a_min, a_max, tau, method, epochs, max_steps, hyper = sys.argv[1:]
@@ -114,8 +143,9 @@ job = {"task": task, "model_dir": model_dir, "pum": pum, "hyperparams": json.loa
 with open(path, "w") as f:
     yaml.safe_dump(job, f, sort_keys=False)
 EOF
-log "job file $JOB_FILE: $PUM_INNER_HANDLER, m=$PUM_COPIES_M, R=$PUM_ROUNDS_R, κ=$PUM_NOISE_KAPPA, $PUM_LOCAL_EPOCHS epochs"
-JOB_ID="$(admin create "$JOB_FILE" | json_field id)"
+  log "job file $JOB_FILE: $PUM_INNER_HANDLER, m=$PUM_COPIES_M, R=$PUM_ROUNDS_R, κ=$PUM_NOISE_KAPPA, $PUM_LOCAL_EPOCHS epochs"
+fi
+JOB_ID="$(admin create "${CREATE_ARGS[@]}" | json_field id)"
 log "created $JOB_ID"
 
 # ---- workers (data owner): one token each, CUDA_VISIBLE_DEVICES per worker when there are GPUs
@@ -163,4 +193,4 @@ fg_run "$PYTHON" -m pum.cli --log-level WARNING admin --server "$SERVER_URL" dow
 log "merged model in $OUT_DIR ($((SECONDS - started)) s)"
 
 run_eval "$OUT_DIR"
-log "done in $((SECONDS - started)) s: $OUT_DIR/TOFU_SUMMARY.json"
+log "done in $((SECONDS - started)) s: $OUT_DIR/evals/TOFU_SUMMARY.json"

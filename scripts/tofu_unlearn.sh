@@ -19,7 +19,7 @@
 #   LR [1e-4 CPU, 1e-5 real]  BATCH_SIZE [32]  WEIGHT_DECAY [0.01]  SEED [0]
 #   HYPERPARAMS        extra trainer/method keys as JSON, e.g. '{"beta": 0.2, "warmup_steps": 2}' [{}]
 #   TASK_NAME          [tofu_${FORGET_SPLIT}_${PUM_INNER_HANDLER}]
-#   OUT_DIR            where the unlearned model and TOFU_SUMMARY.json go [saves/unlearn/$TASK_NAME]
+#   OUT_DIR            the unlearned model, and its evals/TOFU_SUMMARY.json [saves/unlearn/$TASK_NAME]
 #   MAX_NEW_TOKENS     greedy generation budget of the evaluation [32 CPU models, 200 real models]
 #   EVAL_BATCH_SIZE [32]  MAX_ITEMS (first N records per split; smoke runs) []  DEVICE [cuda if any]
 #   THREADS            torch CPU threads []
@@ -45,4 +45,4 @@ fg_run "$PYTHON" -m pum.cli unlearn "${unlearn_args[@]}"
 log "unlearned in $((SECONDS - started)) s"
 
 run_eval "$OUT_DIR"
-log "done in $((SECONDS - started)) s: $OUT_DIR/TOFU_SUMMARY.json"
+log "done in $((SECONDS - started)) s: $OUT_DIR/evals/TOFU_SUMMARY.json"
