@@ -126,3 +126,18 @@ def test_eval_cli_reads_open_unlearnings_retain_logs(assets, pum_eval, tmp_path,
     written = json.loads((model / "evals" / SUMMARY_FILE).read_text())  # MODEL/evals, as open-unlearning
     assert written["forget_quality"] == 1.0  # the same model and data as the retain logs
     assert open_unlearning_summary(summary)["forget_Q_A_Prob"] == pytest.approx(written["forget_Q_A_Prob"])
+
+
+def test_eval_cli_takes_model_ids_from_the_cache_and_never_writes_into_it(assets, hf_cache, tmp_path, monkeypatch):
+    from pum.cli import main
+
+    hf_cache.fill(assets.model_dir, "open-unlearning/tofu_tiny_full")
+    hf_cache.fill(assets.model_dir, "open-unlearning/tofu_tiny_retain90")
+    monkeypatch.chdir(tmp_path)
+    code = main(["eval", "open-unlearning/tofu_tiny_full", "--data", str(assets.data_dir), "--retain-model",
+                 "open-unlearning/tofu_tiny_retain90", "--max-new-tokens", "4", "--max-items", "2", "--no-progress"])
+    assert code == 0
+    summary = json.loads((tmp_path / "saves/eval/open-unlearning_tofu_tiny_full" / SUMMARY_FILE).read_text())
+    assert (tmp_path / "saves/eval/open-unlearning_tofu_tiny_retain90" / EVAL_FILE).is_file()  # the retain cache
+    assert summary["forget_quality"] == 1.0  # the same weights under both ids
+    assert not list(hf_cache.path.rglob("evals"))
