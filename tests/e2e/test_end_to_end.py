@@ -25,7 +25,7 @@ def assets(tmp_path_factory):
     return tiny_assets(tmp_path_factory.mktemp("assets"))
 
 
-def test_job_with_two_worker_processes_completes(tmp_path, assets):
+def test_job_with_two_worker_processes_completes(tmp_path, assets, job_runner):
     from transformers import AutoModelForCausalLM
 
     saves = tmp_path / "saves"
@@ -39,12 +39,7 @@ def test_job_with_two_worker_processes_completes(tmp_path, assets):
                          assets.split("retain90"), saves, log_path=tmp_path / f"worker{i}.log")
             for i in range(2)
         ]
-        admin.action(job, "start")
-        try:
-            status = admin.wait(job, timeout_s=240, poll_s=0.5)
-        finally:
-            exit_codes = [w.wait(timeout=60) for w in workers]
-        logs = "\n".join(p.read_text() for p in tmp_path.glob("*.log"))
+        status, exit_codes, logs = job_runner(admin, job, workers, tmp_path)
         assert status["state"] == "finalized", logs[-3000:]
         assert exit_codes == [0, 0], logs[-3000:]
         assert [r["accepted"] for r in status["rounds"]] == [3, 3]

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 PRESET = Path(__file__).resolve().parents[2] / "presets" / "tofu" / "NPO.yaml"
 
 
-def test_npo_preset_with_open_unlearning_names_runs_end_to_end(tmp_path, hf_cache):
+def test_npo_preset_with_open_unlearning_names_runs_end_to_end(tmp_path, hf_cache, job_runner):
     from transformers import AutoModelForCausalLM
 
     assets = tiny_assets(tmp_path / "assets")
@@ -45,12 +45,7 @@ def test_npo_preset_with_open_unlearning_names_runs_end_to_end(tmp_path, hf_cach
         assert (status["settings"]["inner_handler"], status["rounds_R"], status["settings"]["local_epochs"]) == ("NPO", 2, 10)
         workers = [start_worker(server.url, admin.issue_token(job, f"w{i}"), assets.split("forget10"),
                                 assets.split("retain90"), saves, log_path=tmp_path / f"worker{i}.log") for i in range(2)]
-        admin.action(job, "start")
-        try:
-            status = admin.wait(job, timeout_s=300, poll_s=0.5)
-        finally:
-            exit_codes = [w.wait(timeout=60) for w in workers]
-        logs = "\n".join(p.read_text() for p in tmp_path.glob("*.log"))
+        status, exit_codes, logs = job_runner(admin, job, workers, tmp_path, timeout_s=300)
         assert status["state"] == "finalized" and exit_codes == [0, 0], logs[-3000:]
         assert [r["accepted"] for r in status["rounds"]] == [4, 4]
         merged = AutoModelForCausalLM.from_pretrained(admin.download_model(job, tmp_path / "merged"))
