@@ -62,7 +62,7 @@ def canonical_hyperparams(hyperparams: Mapping[str, Any]) -> dict[str, Any]:
             raise _both(alias, name)
         value = out.pop(alias)
         if alias in VALUES:
-            if value not in VALUES[alias]:
+            if not isinstance(value, str) or value not in VALUES[alias]:
                 raise InvalidInput(f"{alias} must be one of {', '.join(VALUES[alias])} (got {value!r})")
             value = VALUES[alias][value]
         out[name] = value

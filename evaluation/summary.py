@@ -51,9 +51,10 @@ def check_reference(logs: dict, reference: dict) -> None:
         for role in ("forget", "holdout"):
             if mine.get("digests", {}).get(role) != theirs.get("digests", {}).get(role):
                 problems.append(f"the {role} file differs ({theirs.get('files', {}).get(role)})")
-        for key in ("min_k", "prompt_format"):
-            if mine.get("options", {}).get(key) != theirs.get("options", {}).get(key):
-                problems.append(f"{key} {theirs.get('options', {}).get(key)!r} (need {mine.get('options', {}).get(key)!r})")
+        if mine.get("options", {}).get("min_k") != theirs.get("options", {}).get("min_k"):
+            problems.append(f"min_k {theirs.get('options', {}).get('min_k')!r} (need {mine.get('options', {}).get('min_k')!r})")
+        if "prompt_format" in mine and mine["prompt_format"] != theirs.get("prompt_format"):
+            problems.append(f"prompt format {theirs.get('prompt_format')!r} (need {mine['prompt_format']!r})")
     if problems:
         raise ValueError("the retain model's evaluation does not match this one: " + "; ".join(problems)
                          + ". Re-evaluate the retain model on the same data and settings.")
@@ -64,8 +65,9 @@ def summarise(logs: dict, reference: dict | None = None) -> dict:
     pum = logs.get(PUM_KEY, {})
     ratios = scores(logs, "forget_truth_ratio")
     notes: list[str] = []
+    mia = logs.get(PRIVLEAK_ATTACK)
     summary: dict = {"forget_split": pum.get("forget_split"), "holdout_split": pum.get("holdout_split"),
-                     "n_forget": len(ratios), "n_holdout": len(items(logs[PRIVLEAK_ATTACK], "holdout"))}
+                     "n_forget": len(ratios), "n_holdout": len(items(mia, "holdout")) if mia else None}
     if pum.get("max_items") is not None:
         notes.append(f"max_items={pum['max_items']}: every split was cut to its first records (a smoke run, not the benchmark)")
 
@@ -102,10 +104,12 @@ def summarise(logs: dict, reference: dict | None = None) -> dict:
         ref_auc, source = DEFAULT_REFERENCE_AUC, "default_0.5"
         notes.append("no retain model min-k AUC: privleak is relative to the ideal AUC 0.5")
     try:
-        leak = metrics.privleak(summary[PRIVLEAK_ATTACK], ref_auc)
+        leak = None if summary[PRIVLEAK_ATTACK] is None else metrics.privleak(summary[PRIVLEAK_ATTACK], ref_auc)
     except ValueError:
         leak = None
         notes.append(f"privleak is undefined: the reference min-k AUC is {ref_auc} (MUSE's AUC 1 − {ref_auc} = 0)")
+    if summary[PRIVLEAK_ATTACK] is None:
+        notes.append(f"no {PRIVLEAK_ATTACK} in the logs: privleak is None")
     summary.update(privleak=leak, privleak_reference_auc=ref_auc, privleak_reference=source)
     summary["notes"] = notes
     return summary

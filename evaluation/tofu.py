@@ -86,8 +86,9 @@ def _perturbed_logs(model, encoder, role: str, records: list[dict], options: Eva
         rouge.append({**rouge_scores(r["answer"], generation), "input": r["question"], "ground_truth": r["answer"],
                       "generation": generation})
         normalised.append({"prob": metrics.normalised_prob(a.prob, [w.prob for w in wrong])})
-        es.append({"score": metrics.extraction_strength(a.argmax_match)})
-        mia.append(_mia_scores(a, r["answer"], options.min_k))
+        if role == "forget":
+            es.append({"score": metrics.extraction_strength(a.argmax_match)})
+            mia.append(_mia_scores(a, r["answer"], options.min_k))
     ratio_aggregate = metrics.forget_truth_ratio if role == "forget" else metrics.utility_truth_ratio
     logs = {f"{p}_Q_A_Prob": metric(answer, mean_of("prob")), f"{p}_Q_A_PERT_Prob": metric(perturbed, mean_of("prob")),
             truth_ratio_key(role): metric(truth, lambda v: ratio_aggregate([x["score"] for x in v])),

@@ -33,6 +33,7 @@ def test_pums_own_names_pass_unchanged_and_hf_batch_defaults_apply():
     ({"retain_loss_type": "NLL", "retain_loss": "nll"}, "retain_loss_type .* and retain_loss"),
     ({"retain_loss_type": "EMBED"}, "retain_loss_type must be one of NLL, KL"),
     ({"optim": "adamw_8bit"}, "optim must be one of"),
+    ({"optim": ["adamw_torch"]}, "optim must be one of"),  # not a crash on an unhashable value
     ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be an integer ≥ 1"),
 ])
 def test_conflicts_and_unknown_values_are_refused(hyper, phrase):

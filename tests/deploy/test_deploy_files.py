@@ -352,7 +352,7 @@ def test_job_check_catches_broken_files(tmp_path):
     good = (DEPLOY / "job.demo.yaml").read_text()
     for text, expected in [
         (good.replace("copies_m: 4", "copies_m: 1"), "copies_m"),
-        (good.replace("lr: 1.0e-5", "learning_rate: 1.0e-5"), "learning_rate"),
+        (good.replace("lr: 1.0e-5", "learn_rate: 1.0e-5"), "learn_rate"),  # learning_rate is an accepted alias
         (good.replace("GradDiff", "GradDif"), "GradDif"),
         (good.replace("task:", "tsk:"), "tsk"),
     ]:

@@ -42,6 +42,22 @@ def test_the_golden_file_reads_and_summarises_to_its_own_values():
     assert summarise(logs, logs)["forget_quality"] == 1.0  # against itself
 
 
+def test_logs_without_an_attack_summarise_without_privleak():
+    logs = {k: v for k, v in read_eval(GOLDEN).items() if k != "mia_min_k"}
+    summary = summarise(logs)
+    assert summary["privleak"] is None and summary["n_holdout"] is None
+    assert any("no mia_min_k" in note for note in summary["notes"])
+
+
+def test_a_reference_in_another_prompt_format_is_refused(pum_eval):
+    _, out, _ = pum_eval
+    logs = read_eval(out)
+    other = json.loads(json.dumps(logs))
+    other["pum"]["prompt_format"] = "chat"
+    with pytest.raises(ValueError, match="prompt format 'chat' \\(need 'plain'\\)"):
+        summarise(logs, other)
+
+
 def test_the_golden_file_round_trips(tmp_path):
     logs = read_eval(GOLDEN)
     _save(tmp_path, logs, summarise(logs))

@@ -32,6 +32,8 @@ def test_open_unlearning_names_are_stored_under_pums(server, tiny_model_dir):
     assert status["hyperparams"] == {"lr": 1e-3, "batch_size": 2} and status["settings"]["local_epochs"] == 3
     clash = create(server, tiny_model_dir, {"local_epochs": 2}, {"num_train_epochs": 3})
     assert clash.status_code == 400 and "same setting" in clash.json()["detail"]
+    odd = create(server, tiny_model_dir, hyperparams={"optim": ["adamw_torch"]})
+    assert odd.status_code == 400 and "optim must be one of" in odd.json()["detail"]
 
 
 def test_prompt_format_chat_needs_a_template_and_reaches_the_worker(server, tiny_model_dir, chat_model_dir):
