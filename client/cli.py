@@ -25,6 +25,8 @@ def http_client(server: str, token: str | None, ca_file: str | None = None, time
 
 
 def add_parsers(subparsers) -> None:
+    from pum.common.prompts import PROMPT_FORMATS
+
     worker = subparsers.add_parser("worker", help="run a worker (data owner): lease, unlearn, upload")
     worker.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8000")
     worker.add_argument("--token", default=os.environ.get("PUM_WORKER_TOKEN"), help="worker token (or PUM_WORKER_TOKEN)")
@@ -53,7 +55,7 @@ def add_parsers(subparsers) -> None:
                          help='JSON, PUM\'s or open-unlearning\'s names: {"lr": 1e-5, "batch_size": 32, "beta": 0.1} '
                               'or {"learning_rate": 1e-5, "per_device_train_batch_size": 8, '
                               '"gradient_accumulation_steps": 4, "num_train_epochs": 10, "warmup_epochs": 1}')
-    unlearn.add_argument("--prompt-format", default="auto", choices=("auto", "chat", "plain"),
+    unlearn.add_argument("--prompt-format", default="auto", choices=PROMPT_FORMATS,
                          help="chat: the tokenizer's chat template; plain: 'Question: …\\nAnswer:'; "
                               "auto (default): chat when the tokenizer has a template")
     unlearn.add_argument("--device", help="cuda, cpu (default: the GPU if any)")

@@ -88,10 +88,6 @@ class QAEncoder:
         return f"<QAEncoder {self.prompt_format} {type(self.tokenizer).__name__}>"
 
     @property
-    def eos_token_id(self) -> int | None:
-        return self.tokenizer.eos_token_id
-
-    @property
     def pad_token_id(self) -> int | None:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.tokenizer.eos_token_id

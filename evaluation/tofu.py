@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from pum.common.prompts import PROMPT_FORMATS, QAEncoder
+from pum.common.prompts import QAEncoder, check_prompt_format
 from pum.common.qa import QAPair
 
 from . import metrics
@@ -47,8 +47,7 @@ class EvalOptions:
     prompt_format: str = "auto"  # chat, plain, or auto: chat when the tokenizer has a template
 
     def __post_init__(self):
-        if self.prompt_format not in PROMPT_FORMATS:
-            raise ValueError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)} (got {self.prompt_format!r})")
+        check_prompt_format(self.prompt_format)
 
 
 def _mia_scores(score: AnswerScore, answer: str, k: float) -> dict[str, float]:
