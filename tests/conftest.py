@@ -179,7 +179,7 @@ def fill_hf_cache(source: Path, repo_id: str, cache_dir: Path, repo_type: str = 
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
 
     commit = hashlib.sha1(repo_id.encode()).hexdigest()
     prefix = ("/datasets/" if repo_type == "dataset" else "/") + f"{repo_id}/resolve/"
@@ -218,12 +218,14 @@ def fill_hf_cache(source: Path, repo_id: str, cache_dir: Path, repo_type: str = 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    offline, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, False  # CI sets HF_HUB_OFFLINE=1; this hub is local
     try:
         endpoint = f"http://127.0.0.1:{server.server_address[1]}"
         for path in sorted(p for p in source.rglob("*") if p.is_file()):
             hf_hub_download(repo_id, path.relative_to(source).as_posix(), repo_type=repo_type, cache_dir=cache_dir,
                             endpoint=endpoint)
     finally:
+        constants.HF_HUB_OFFLINE = offline
         server.shutdown()
         server.server_close()
     kind = "datasets" if repo_type == "dataset" else "models"
