@@ -1,7 +1,10 @@
 """The model on the server's disk: ingest a Hugging Face folder, export the merged model.
 
-The server keeps θ as one float32 safetensors file per round and never loads the model as a
-whole; the public files (config, tokenizer) are copied next to it and served to workers.
+The server keeps θ as one float32 safetensors file per round, under the model's own tensor
+names (`model_layout`), and never loads the model as a whole; the public files (config,
+generation config, tokenizer: `pum.common.model_files.PUBLIC_FILES`) are copied next to it and
+served to workers. Nothing that leaves the folder through a link is read, and a config that
+would make a worker's transformers load code is refused.
 """
 
 from __future__ import annotations
@@ -12,37 +15,94 @@ import shutil
 from pathlib import Path
 
 from pum.common.codec import SafetensorsFile, TensorInfo, save_file_atomic
-from pum.common.errors import InvalidInput
+from pum.common.errors import InvalidInput, NotFound
+from pum.common.model_files import PUBLIC_FILES, code_loading_keys, is_plain_file_name
+
+from .model_layout import match_checkpoint
 
 log = logging.getLogger(__name__)
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 WEIGHT_INDEX = "model.safetensors.index.json"
+FLOATS = ("F32", "F16", "BF16", "F64")
 
 
 def weight_files(model_dir: Path) -> list[Path]:
     """The safetensors file(s) of a Hugging Face model folder, shards in index order."""
-    if not (model_dir / "config.json").is_file():
-        raise InvalidInput(f"model_dir {model_dir} has no config.json: give a Hugging Face model folder")
     index = model_dir / WEIGHT_INDEX
     if index.is_file():
-        shards = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
-        return [model_dir / name for name in shards]
+        return [model_dir / name for name in dict.fromkeys(_weight_map(model_dir).values())]
     single = model_dir / "model.safetensors"
     if single.is_file():
-        return [single]
+        return [_inside(single, model_dir)]
     raise InvalidInput(
         f"model_dir {model_dir} has no model.safetensors: PUM reads safetensors only "
         "(convert .bin checkpoints with save_pretrained(safe_serialization=True))"
     )
 
 
+def _weight_map(model_dir: Path) -> dict[str, str]:
+    """The index's tensor → shard map, its shards plain files of the folder; InvalidInput saying what is wrong."""
+    index = _inside(model_dir / WEIGHT_INDEX, model_dir)
+    content = _read_json(index)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise InvalidInput(
+            f"{index} is not a safetensors index: it needs a non-empty \"weight_map\" of tensor name → shard file "
+            "(re-save the model with save_pretrained, or remove the index next to a single model.safetensors)"
+        )
+    shards = list(dict.fromkeys(weight_map.values()))
+    if odd := [name for name in shards if not is_plain_file_name(name)]:
+        raise InvalidInput(f"{index} names shards that are not plain file names of the folder: {odd[:5]}")
+    if absent := [name for name in shards if not (model_dir / name).is_file()]:
+        raise InvalidInput(f"{index} names shards missing from {model_dir}: {absent[:5]}")
+    for name in shards:
+        _inside(model_dir / name, model_dir)
+    return weight_map
+
+
+def check_config(model_dir: Path) -> None:
+    """The folder's config.json must be a JSON object that makes transformers load no code."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise InvalidInput(f"model_dir {model_dir} has no config.json: give a Hugging Face model folder")
+    if not isinstance(_read_json(_inside(path, model_dir)), dict):
+        raise InvalidInput(f"{path} is not a JSON object: give the folder its Hugging Face config")
+    refuse_code([path])
+
+
 def public_files(model_dir: Path) -> list[Path]:
-    """Everything in the folder a worker may see: config, generation config, tokenizer files."""
-    return sorted(
-        p for p in model_dir.iterdir()
-        if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES) and p.name != WEIGHT_INDEX
-    )
+    """The files a worker needs (config, generation config, tokenizer files) that the folder has.
+
+    Only names in PUBLIC_FILES, only regular files that stay in the folder: never dotfiles,
+    READMEs, licences, stale indexes, sub-folders such as original/, or links out of the folder.
+    """
+    found = []
+    for name in sorted(PUBLIC_FILES):
+        path = model_dir / name
+        if not path.is_file():
+            continue
+        if not _stays_inside(path, model_dir):
+            log.warning("not publishing %s: it links out of the model folder", path)
+            continue
+        found.append(path)
+    return found
+
+
+def refuse_code(paths: list[Path]) -> None:
+    """InvalidInput when a JSON file to publish would make a worker's transformers load code."""
+    for path in paths:
+        if path.suffix == ".json" and (found := code_loading_keys(_read_json(path), path.name)):
+            raise InvalidInput(
+                f"{path} makes transformers load code ({', '.join(found)}): workers refuse such a model; "
+                "PUM runs transformers' built-in architectures only, unquantized"
+            )
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError):
+        raise InvalidInput(f"{path} is not valid UTF-8 JSON: re-save the model with save_pretrained") from None
 
 
 def ingest_model(model_dir: Path, theta_path: Path, public_dir: Path) -> dict[str, str]:
@@ -50,30 +110,86 @@ def ingest_model(model_dir: Path, theta_path: Path, public_dir: Path) -> dict[st
 
     Returns the original dtype of every tensor, for the export.
     """
+    if not model_dir.is_dir():
+        raise InvalidInput(f"model_dir {model_dir} is not a folder on the server")
+    published = public_files(model_dir)
+    refuse_code(published)
     dtypes = ingest_weights(model_dir, theta_path, "model_dir")
     public_dir.mkdir(parents=True, exist_ok=True)
-    for path in public_files(model_dir):
-        shutil.copy2(path, public_dir / path.name)
+    for path in published:
+        shutil.copyfile(path, public_dir / path.name)
     return dtypes
 
 
 def ingest_weights(model_dir: Path, out_path: Path, what: str) -> dict[str, str]:
-    """The weights of a Hugging Face folder as one float32 file; returns the original dtypes."""
+    """The weights of a Hugging Face folder as one float32 file under the model's own tensor names.
+
+    Returns the original dtypes. Refuses a folder whose weights do not fit its config.
+    """
     if not model_dir.is_dir():
         raise InvalidInput(f"{what} {model_dir} is not a folder on the server")
+    check_config(model_dir)
     shards = [SafetensorsFile(path) for path in weight_files(model_dir)]
     try:
-        located = {info.name: (shard, info) for shard in shards for info in shard.infos}
-        floats = [info for _, info in located.values() if info.dtype in ("F32", "F16", "BF16", "F64")]
-        if len(floats) != len(located):
-            others = sorted(set(located) - {i.name for i in floats})
+        located = _locate(model_dir, shards)
+        match = match_checkpoint(model_dir, [info for _, info in located.values()])
+        kept = [located[name][1] for name in match.names]
+        if others := [info.name for info in kept if info.dtype not in FLOATS]:
             raise InvalidInput(f"model has non-float tensors PUM cannot perturb: {others[:5]}")
-        infos = [TensorInfo(i.name, "F32", i.shape) for i in floats]
-        save_file_atomic(out_path, infos, (located[i.name][0].read(i.name).float() for i in infos), private=True)
+        infos = [TensorInfo(match.names[i.name], "F32", i.shape) for i in kept]
+        tensors = (located[i.name][0].read(i.name).float() for i in kept)
+        save_file_atomic(out_path, infos, tensors, private=True)
     finally:
         for shard in shards:
             shard.close()
-    return {info.name: info.dtype for info in floats}
+    return {match.names[info.name]: info.dtype for info in kept}
+
+
+def _locate(model_dir: Path, shards: list[SafetensorsFile]) -> dict[str, tuple[SafetensorsFile, TensorInfo]]:
+    """tensor name → (its shard, its info); refuses a tensor in two shards or an index that disagrees."""
+    located: dict[str, tuple[SafetensorsFile, TensorInfo]] = {}
+    for shard in shards:
+        for info in shard.infos:
+            if info.name in located:
+                raise InvalidInput(f"tensor {info.name} is in two shards of {model_dir}: "
+                                   f"{Path(located[info.name][0].path).name} and {Path(shard.path).name}")
+            located[info.name] = (shard, info)
+    if (model_dir / WEIGHT_INDEX).is_file():
+        weight_map = _weight_map(model_dir)
+        wrong = [
+            name for name, shard in weight_map.items()
+            if name not in located or Path(located[name][0].path).name != shard
+        ]
+        unlisted = sorted(set(located) - set(weight_map))
+        if wrong or unlisted:
+            raise InvalidInput(
+                f"{model_dir / WEIGHT_INDEX} does not match its shards (stale index?): "
+                f"listed but not in that shard {wrong[:5]}, in a shard but not listed {unlisted[:5]}; "
+                "re-save the model with save_pretrained"
+            )
+    return located
+
+
+def file_in(folder: Path, name: str) -> Path:
+    """The plain file `name` of `folder`, or NotFound (a path, a dotfile, a name over 255 bytes, a missing file)."""
+    path = folder / name if is_plain_file_name(name) else None
+    if path is None or not path.is_file():
+        raise NotFound(f"no file {name[:100]!r}")
+    return path
+
+
+def _stays_inside(path: Path, model_dir: Path) -> bool:
+    """Whether `path` resolves inside the model folder, or, for a Hugging Face cache snapshot
+    (…/snapshots/<revision>/, whose files link to ../../blobs/), inside that repository's blobs."""
+    target, root = path.resolve(), model_dir.resolve()
+    roots = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    return any(target.is_relative_to(r) for r in roots)
+
+
+def _inside(path: Path, model_dir: Path) -> Path:
+    if not _stays_inside(path, model_dir):
+        raise InvalidInput(f"{path} links out of the model folder: copy the file into the folder")
+    return path
 
 
 def export_model(theta_path: Path, dtypes: dict[str, str], public_dir: Path, out_dir: Path) -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import re
 import secrets
 import shutil
 import threading
@@ -28,6 +27,7 @@ from pum.common.errors import (
 )
 from pum.common.aliases import canonical_job
 from pum.common.hub import resolve_local
+from pum.common.model_files import is_task_name
 from pum.common.schemas import TaskSpec
 from pum.common.settings import PumSettings
 
@@ -35,11 +35,10 @@ from . import rounds as R
 from .config import ServerSettings
 from .job_setup import create_job_files
 from .privacy import privacy_of
-from .model_io import export_model
+from .model_io import export_model, file_in
 from .store import Job, Lease, Store
 
 log = logging.getLogger(__name__)
-TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
 def hash_token(token: str) -> str:
@@ -59,7 +58,7 @@ class JobService:
 
     # ---- admin: jobs -------------------------------------------------------------------
     def create_job(self, task: str, model_dir: str, pum: dict, hyperparams: dict) -> Job:
-        if not TASK_NAME.match(task):
+        if not is_task_name(task):
             raise InvalidInput(f"task {task!r} must be 1–100 letters, digits, '.', '_' or '-' (it names a folder)")
         pum, hyperparams = canonical_job(pum, hyperparams)  # open-unlearning's names → PUM's
         settings = PumSettings.from_spec(pum)
@@ -159,7 +158,7 @@ class JobService:
         job = self._job(job_id)
         if job.state != "finalized" or not job.output_dir:
             raise Conflict(f"job {job_id} is {job.state}: the model is available once it is finalized")
-        return _file_in(Path(job.output_dir), name)
+        return file_in(Path(job.output_dir), name)
 
     def output_files(self, job_id: str) -> list[str]:
         job = self._job(job_id)
@@ -219,7 +218,7 @@ class JobService:
 
     def public_file(self, token: str, name: str) -> Path:
         job_id, _ = self.worker_job(token)
-        return _file_in(self._files(job_id).public, name)
+        return file_in(self._files(job_id).public, name)
 
     def copy_download(self, token: str, lease_id: str, start: int = 0) -> tuple[int, Iterator[bytes]]:
         """(total size in bytes, chunks from byte `start` on) of the lease's published copy."""
@@ -445,10 +444,3 @@ def _too_large(declared: int, expected: int) -> PumError:
     from pum.common.errors import PayloadTooLarge
 
     return PayloadTooLarge(f"upload of {declared} bytes exceeds the {expected} bytes a float32 delta of this model takes")
-
-
-def _file_in(folder: Path, name: str) -> Path:
-    path = folder / name
-    if "/" in name or name.startswith(".") or not path.is_file():
-        raise NotFound(f"no file {name!r}")
-    return path

@@ -38,6 +38,36 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
 
 
+def dress_as_a_download(path: Path, model, shard_bytes: int, extra_files: dict[str, str] | None = None) -> Path:
+    """Save `model` to `path` the way a user gets a model from the hub or a git clone: weights in
+    shards of at most `shard_bytes` with model.safetensors.index.json, plus the files that come
+    along and that a worker must never receive (.gitattributes, README.md, LICENSE, an original/
+    folder with a pickled checkpoint, a stale .bin index). Files already in `path` are kept."""
+    import json
+
+    model.save_pretrained(path, max_shard_size=shard_bytes)
+    assert (path / "model.safetensors.index.json").is_file(), "not sharded: lower shard_bytes"
+    files = {
+        ".gitattributes": "*.safetensors filter=lfs diff=lfs merge=lfs -text\n",
+        "README.md": "---\nlicense: mit\n---\n# A model card\n",
+        "LICENSE": "MIT License\n",
+        "original/params.json": json.dumps({"dim": 16, "n_layers": 2}),
+        "original/consolidated.00.pth": "not a checkpoint: a server must never read it",
+        "pytorch_model.bin.index.json": json.dumps({"weight_map": {"gone.weight": "pytorch_model-00001-of-00002.bin"}}),
+        **(extra_files or {}),
+    }
+    for name, text in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(text)
+    return path
+
+
+@pytest.fixture(scope="session")
+def as_a_download():
+    """dress_as_a_download itself, for tests that need a model folder as users get one."""
+    return dress_as_a_download
+
+
 ADMIN = "admin-secret-token"
 
 

@@ -1,0 +1,134 @@
+"""Which model a checkpoint is for: its tensors matched, by name and shape, to the architecture's own.
+
+Workers build the model from the served config and subtract the copy from its trained state
+tensor by tensor, so the copy must carry the model's own names. At job creation the server
+builds the model on the meta device (shapes only, no memory) and matches the checkpoint to it:
+
+- transformers' own renames of older layouts are applied (GPT-NeoX's `embed_out` → `lm_head`,
+  GPT-2 saved without its `transformer.` prefix, `LayerNorm.gamma` → `.weight`, ...); a key that
+  needs more than a rename (experts merged into one tensor, fused projections split) is refused;
+- tensors transformers itself ignores when loading are dropped: the old buffers a model lists
+  as ignorable (GPT-2's `attn.bias`, per-layer `rotary_emb.inv_freq`) and tied copies (the
+  `lm_head.weight` of a model that ties it to its embeddings, which may also be absent);
+- anything else missing, left over or of another shape is refused, every difference listed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from pum.common.codec import TensorInfo
+from pum.common.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CheckpointMatch:
+    names: dict[str, str]  # checkpoint name → the model's name, for every tensor kept, in checkpoint order
+    dropped: list[str] = field(default_factory=list)  # checkpoint tensors transformers would not load
+
+
+def match_checkpoint(model_dir: Path, infos: list[TensorInfo]) -> CheckpointMatch:
+    """Match the checkpoint's tensors to the model its config.json describes; InvalidInput lists every difference."""
+    model = meta_model(model_dir)
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # taken from their source on load
+    rename = _renamer(model, expected)
+    names, dropped, needs_conversion = {}, [], []
+    for info in infos:
+        target, converted = rename(info.name)
+        if converted:
+            needs_conversion.append(info.name)
+        elif target in tied:
+            dropped.append(info.name)
+        else:
+            names[info.name] = target
+    by_target: dict[str, list[str]] = {}
+    for source, target in names.items():
+        by_target.setdefault(target, []).append(source)
+    unexpected = {target for target in names.values() if target not in expected}
+    missing = set(expected) - set(names.values()) - tied
+    ignored, missing = _ignored_by_transformers(model, unexpected, missing)
+    dropped += [source for source, target in names.items() if target in ignored]
+    shapes = {info.name: info.shape for info in infos}
+    problems = []
+    if needs_conversion:
+        problems.append(f"tensors transformers converts on load (more than a rename): {_listed(needs_conversion)}")
+    if twice := {target: sources for target, sources in by_target.items() if len(sources) > 1}:
+        problems.append(f"tensors that name the same parameter: {_listed([f'{s} → {t}' for t, s in twice.items()])}")
+    if left := sorted(unexpected - ignored):
+        problems.append(f"tensors the model does not have: {_listed(left)}")
+    if missing:
+        problems.append(f"parameters missing from the checkpoint: {_listed(sorted(missing))}")
+    misshapen = [
+        f"{source} is {list(shapes[source])}, the model's {target} is {list(expected[target])}"
+        for source, target in names.items() if target in expected and shapes[source] != expected[target]
+    ]
+    if misshapen:
+        problems.append(f"shapes that differ: {_listed(misshapen)}")
+    if problems:
+        raise InvalidInput(
+            f"the weights in {model_dir} do not fit the {type(model).__name__} its config.json describes: "
+            + "; ".join(problems) + ". Give the folder the config of these weights (or re-save the model with save_pretrained)"
+        )
+    kept = {source: target for source, target in names.items() if target not in ignored}
+    if renamed := {s: t for s, t in kept.items() if s != t}:
+        log.info("%s: %d tensors renamed to the model's names, e.g. %s", model_dir, len(renamed), next(iter(renamed.items())))
+    if dropped:
+        log.info("%s: dropped %d tensors transformers does not load: %s", model_dir, len(dropped), _listed(dropped))
+    return CheckpointMatch(kept, dropped)
+
+
+def meta_model(model_dir: Path) -> torch.nn.Module:
+    """The causal LM of the folder's config.json on the meta device (built-in classes only)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        raise InvalidInput(
+            f"{model_dir}/config.json does not describe a causal language model transformers can build: "
+            f"{str(err)[:300]}"
+        ) from None
+
+
+def _renamer(model: torch.nn.Module, expected: dict[str, tuple[int, ...]]):
+    """name → (the model's name, whether the key needs a conversion beyond renaming), by transformers' rules."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # a transformers without conversion maps: names must already match
+        return lambda name: (name, False)
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    prefix = getattr(model, "base_model_prefix", None) or None
+
+    def rename(name: str) -> tuple[str, bool]:
+        target, converter = rename_source_key(name, renamings, converters, prefix, expected)
+        return target, converter is not None
+
+    return rename
+
+
+def _ignored_by_transformers(model, unexpected: set[str], missing: set[str]) -> tuple[set[str], set[str]]:
+    """(unexpected names transformers ignores, missing names it does not ignore), by the model's own rules."""
+    adjust = getattr(model, "_adjust_missing_and_unexpected_keys", None)
+    if adjust is None:  # an older transformers: ignore nothing
+        return set(), missing
+    info = SimpleNamespace(missing_keys=set(missing), unexpected_keys=set(unexpected))
+    adjust(info)
+    return unexpected - info.unexpected_keys, info.missing_keys
+
+
+def _listed(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
