@@ -46,9 +46,19 @@ class WorkerAPI:
     def release(self, lease_id: str, reason: str) -> None:
         raise_for_status(self.http.post(f"/v1/work/leases/{lease_id}/release", json={"reason": reason[:2000]}))
 
-    def public_file(self, name: str, dest: Path) -> Path:
-        response = raise_for_status(self.http.get(f"/v1/work/files/{name}"))
-        dest.write_bytes(response.content)
+    def public_file(self, name: str, dest: Path, max_bytes: int) -> Path:
+        """Save a public file to `dest`; refuses one over `max_bytes` or longer than it announced."""
+        with self.http.stream("GET", f"/v1/work/files/{name}") as response:
+            if not response.is_success:
+                response.read()
+                raise_for_status(response)
+            announced = _announced(response, required=False)
+            if announced is not None and announced > max_bytes:
+                raise InvalidInput(f"public file {name} announces {announced} bytes, over the limit of {max_bytes}")
+            limit = max_bytes if announced is None else announced
+            with dest.open("wb") as f:
+                for chunk in _bounded(response.iter_bytes(), limit, f"public file {name}"):
+                    f.write(chunk)
         return dest
 
     def download_copy(self, lease_id: str, dest: Path, progress: Callable[[int], None] | None = None,
@@ -67,12 +77,15 @@ class WorkerAPI:
                     if not response.is_success:
                         response.read()
                         raise_for_status(response)
-                    if total is None:
-                        total = received + int(response.headers["content-length"])
-                        if on_total:
-                            on_total(total)
+                    announced = received + _announced(response, required=True)
+                    if total is not None and announced != total:
+                        raise InvalidInput(f"the resumed copy announces {announced} bytes, the first answer {total}")
+                    if total is None and on_total:
+                        on_total(announced)
+                    total = announced
                     with dest.open("ab") as f:
-                        for chunk in response.iter_bytes():  # as received: nothing buffered is lost on a cut
+                        # as received: nothing buffered is lost on a cut; never past the announced size
+                        for chunk in _bounded(response.iter_bytes(), total - received, "the copy"):
                             f.write(chunk)
                             received += len(chunk)
                             if progress:
@@ -102,6 +115,26 @@ class WorkerAPI:
                     raise
                 self.sleep(self.backoff_s * 2**attempt)
         raise AssertionError("unreachable")
+
+
+def _announced(response: httpx.Response, required: bool) -> int | None:
+    """The Content-Length of a response (None when absent and not required)."""
+    value = response.headers.get("content-length")
+    if value is None or not value.isdigit():
+        if required:
+            raise InvalidInput(f"{response.request.url.path}: the server announced no Content-Length; refusing an unbounded body")
+        return None
+    return int(value)
+
+
+def _bounded(chunks: Iterator[bytes], limit: int, what: str) -> Iterator[bytes]:
+    """The chunks, or InvalidInput as soon as they exceed `limit` bytes in all."""
+    seen = 0
+    for chunk in chunks:
+        seen += len(chunk)
+        if seen > limit:
+            raise InvalidInput(f"{what} goes past {limit} bytes (its announced size or the limit): refused")
+        yield chunk
 
 
 def _file_chunks(path: Path, progress: Callable[[int], None] | None) -> Iterator[bytes]:

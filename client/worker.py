@@ -18,16 +18,17 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from pum.common.codec import TensorInfo, save_file_atomic
 from pum.common.errors import PumError
 from pum.common.prompts import QAEncoder
 from pum.common.qa import QAPair
-from pum.common.schemas import TaskSpec
 
 from .api import WorkerAPI
+from .lease_checks import (
+    MAX_PUBLIC_FILE_BYTES, RefusedLease, check_lease, check_served_files, is_lease_id, load_served_model, read_copy,
+)
 from .progress import byte_bar, set_total
 from .trainer import TrainConfig, run_unlearning
 
@@ -78,34 +79,38 @@ class Worker:
                 self.process(reply)
                 self.done += 1
                 self._failed_in_a_row = 0
-            except PumError as err:  # the server refused: the lease is gone, nothing to give back
+            except Exception as err:  # whatever went wrong, the copy goes back to the pool now
                 self._count_failure()
-                log.warning("copy of %s refused by the server: %s", reply["lease_id"], err)
-            except Exception as err:
-                self._count_failure()
-                log.exception("copy of %s failed; giving it back", reply["lease_id"])
-                self._give_back(reply["lease_id"], f"{type(err).__name__}: {err}")
+                if isinstance(err, (PumError, RefusedLease)):  # a refusal by either side: its message says it all
+                    log.warning("copy of lease %.40r failed, giving it back: %s", reply.get("lease_id"), err)
+                else:
+                    log.exception("copy of lease %.40r failed; giving it back", reply.get("lease_id"))
+                self._give_back(reply.get("lease_id"), f"{type(err).__name__}: {err}")
             if self._failed_in_a_row >= self.options.max_consecutive_failures:
                 raise RuntimeError(f"worker stops: {self._failed_in_a_row} copies failed in a row (see the log above)")
         return self.done
 
-    def process(self, lease: dict) -> dict:
-        """One copy from lease to accepted upload; returns the copy's metrics."""
-        lease_id = lease["lease_id"]
-        task = TaskSpec.model_validate(lease["task"])
-        config = TrainConfig.from_task(task, round_=lease["round"])
-        copy_dir = self._copy_dir(lease["task_name"], lease["round"])
-        with tempfile.TemporaryDirectory(prefix="pum-copy-") as tmp, _Heartbeat(self.api, lease_id, lease["ttl_s"]):
+    def process(self, reply: dict) -> dict:
+        """One copy from lease to accepted upload; returns the copy's metrics.
+
+        The lease is checked before anything is written, the served files before the copy is
+        downloaded, and the copy before the model is built (see `lease_checks`).
+        """
+        lease = check_lease(reply)
+        config = TrainConfig.from_task(lease.task, round_=lease.round)
+        with tempfile.TemporaryDirectory(prefix="pum-copy-") as tmp, _Heartbeat(self.api, lease.id, lease.ttl_s):
             workdir = Path(tmp)
             started = time.perf_counter()
-            for name in lease["public_files"]:
-                self.api.public_file(name, workdir / name)
+            for name in lease.public_files:
+                self.api.public_file(name, workdir / name, MAX_PUBLIC_FILE_BYTES)
+            check_served_files(workdir)
             with self._bar("download") as bar:
-                self.api.download_copy(lease_id, workdir / "model.safetensors", bar.update, partial(set_total, bar))
+                self.api.download_copy(lease.id, workdir / "model.safetensors", bar.update, partial(set_total, bar))
             downloaded = time.perf_counter()
-            model, tokenizer = _load(workdir, self.device)
-            tokenizer = QAEncoder(tokenizer, task.prompt_format)  # the job's prompt format for every batch
-            received = load_file(workdir / "model.safetensors")
+            received = read_copy(workdir / "model.safetensors")
+            model, tokenizer = load_served_model(workdir, self.device, received)
+            tokenizer = QAEncoder(tokenizer, lease.task.prompt_format)  # the job's prompt format for every batch
+            copy_dir = self._copy_dir(lease.task_name, lease.round)
             metrics_log = (copy_dir / "train_log.jsonl").open("w")
             try:
                 train = run_unlearning(
@@ -119,14 +124,14 @@ class Worker:
             delta_path = workdir / "delta.safetensors"
             _write_delta(model, received, delta_path)
             with self._bar("upload", delta_path.stat().st_size) as bar:
-                result = self.api.upload_delta(lease_id, delta_path, bar.update)
+                result = self.api.upload_delta(lease.id, delta_path, bar.update)
         metrics = {
-            "round": lease["round"], "task": lease["task_name"], "method": task.method, "train": train,
+            "round": lease.round, "task": lease.task_name, "method": lease.task.method, "train": train,
             "seconds": {"download": downloaded - started, "train": trained - downloaded, "upload": time.perf_counter() - trained},
             "server": result,
         }
         (copy_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        log.info("round %d copy done in %s: %s", lease["round"], copy_dir.name, metrics["seconds"])
+        log.info("round %d copy done in %s: %s", lease.round, copy_dir.name, metrics["seconds"])
         return metrics
 
     def _copy_dir(self, task: str, round_: int) -> Path:
@@ -146,7 +151,10 @@ class Worker:
         self.failed += 1
         self._failed_in_a_row += 1
 
-    def _give_back(self, lease_id: str, reason: str) -> None:
+    def _give_back(self, lease_id: object, reason: str) -> None:
+        if not is_lease_id(lease_id):  # never put a hostile id into a URL path
+            log.warning("cannot give back a lease with id %.40r", lease_id)
+            return
         try:
             self.api.release(lease_id, reason)
         except Exception as err:  # the lease will expire on its own
@@ -155,14 +163,6 @@ class Worker:
     def _bar(self, desc: str, total: int | None = None) -> tqdm:
         """A byte bar with total and ETA; a download's total comes with its Content-Length."""
         return byte_bar(desc, total, enabled=self.options.progress)
-
-
-def _load(workdir: Path, device: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(workdir)
-    model = AutoModelForCausalLM.from_pretrained(workdir, dtype=torch.float32 if device == "cpu" else "auto")
-    return model.to(device), tokenizer
 
 
 def _write_delta(model: torch.nn.Module, received: dict[str, torch.Tensor], path: Path) -> None:

@@ -6,6 +6,7 @@ import json
 
 import httpx
 import pytest
+import torch
 
 from pum.client.api import WorkerAPI
 from pum.client.worker import Worker, WorkerOptions
@@ -69,3 +70,130 @@ def test_server_refusal_becomes_a_pum_error_with_the_message():
     api = WorkerAPI(httpx.Client(transport=transport, base_url="http://server"))
     with pytest.raises(LeaseExpired, match="ask for a new lease"):
         api.heartbeat("lease-1")
+
+
+class FakeServer:
+    """A scripted server behind httpx.MockTransport: one lease reply, files, a copy; records every call."""
+
+    def __init__(self, lease: dict, files: dict[str, httpx.Response], copy: httpx.Response):
+        self.lease, self.files, self.copy = lease, files, copy
+        self.calls: list[tuple[str, str]] = []
+        self.released: list[tuple[str, str]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        self.calls.append((request.method, path))
+        if path == "/v1/work/lease":
+            return httpx.Response(200, json=self.lease if not self.released else {"status": "done", "job_state": "aborted"})
+        if path.startswith("/v1/work/files/"):
+            return self.files.get(path.removeprefix("/v1/work/files/"), httpx.Response(404, json={"detail": "no file"}))
+        if path.endswith("/copy"):
+            return self.copy
+        if path.endswith("/release"):
+            self.released.append((path.split("/")[-2], json.loads(request.content)["reason"]))
+            return httpx.Response(200, json={"released": True})
+        if path.endswith("/heartbeat"):
+            return httpx.Response(200, json={"ttl_s": 30.0})
+        return httpx.Response(404, json={"detail": f"no route {path}"})
+
+
+def lease_reply(**changes) -> dict:
+    return {
+        "status": "leased", "lease_id": "lease-1", "job_id": "job-1", "task_name": "t1", "round": 1, "rounds_R": 1,
+        "ttl_s": 30.0, "public_files": ["config.json", "tokenizer.json", "tokenizer_config.json"],
+        "task": {"method": "GradAscent", "epochs": 1.0, "max_steps": 1, "rounds": 1, "hyperparams": {}},
+        **changes,
+    }
+
+
+def served(model_dir) -> dict[str, httpx.Response]:
+    return {p.name: httpx.Response(200, content=p.read_bytes()) for p in model_dir.iterdir() if p.suffix == ".json"}
+
+
+@pytest.mark.parametrize("case", ["server refuses a file", "copy cut short", "unsafe name", "code in config"])
+def test_a_worker_that_gives_up_on_a_copy_always_releases_its_lease(case, model_dir, forget_pairs, tmp_path):
+    files = served(model_dir)
+    copy_bytes = (model_dir / "model.safetensors").read_bytes()
+    copy = httpx.Response(200, content=copy_bytes)
+    lease = lease_reply()
+    if case == "server refuses a file":  # a PumError (404) on the worker's side
+        files.pop("tokenizer.json")
+    elif case == "copy cut short":
+        copy = httpx.Response(200, content=copy_bytes[:100], headers={"content-length": str(len(copy_bytes))})
+    elif case == "unsafe name":
+        lease = lease_reply(public_files=["config.json", "../../.bashrc"])
+    else:
+        config = json.loads(files["config.json"].content)
+        files["config.json"] = httpx.Response(200, json={**config, "auto_map": {"AutoConfig": "evil.C"}})
+    fake = FakeServer(lease, files, copy)
+    api = WorkerAPI(httpx.Client(transport=httpx.MockTransport(fake), base_url="http://server"), sleep=lambda s: None)
+    worker = Worker(api, forget_pairs, None, WorkerOptions(saves_dir=tmp_path / "saves", progress=False), sleep=lambda s: None)
+    worker.run()
+    assert worker.failed == 1 and worker.done == 0
+    assert [lease_id for lease_id, _ in fake.released] == ["lease-1"]
+    assert fake.released[0][1]  # with a reason
+    assert not (tmp_path / "saves").exists()  # nothing written for a copy that never started
+
+
+def test_public_files_are_bounded_by_their_announced_size_and_the_limit(tmp_path):
+    def handler(request: httpx.Request) -> httpx.Response:
+        name = request.url.path.rsplit("/", 1)[-1]
+        if name == "liar":  # announces 10 bytes, sends 1000
+            return httpx.Response(200, stream=httpx.ByteStream(b"x" * 1000), headers={"content-length": "10"})
+        if name == "unannounced":  # chunked, no length
+            return httpx.Response(200, content=iter([b"x" * 600, b"x" * 600]))
+        return httpx.Response(200, content=b"x" * 2000)
+
+    api = WorkerAPI(httpx.Client(transport=httpx.MockTransport(handler), base_url="http://server"))
+    from pum.common.errors import InvalidInput
+
+    for name in ("liar", "unannounced", "big"):
+        with pytest.raises(InvalidInput, match="bytes"):
+            api.public_file(name, tmp_path / name, max_bytes=1000)
+    assert api.public_file("fine", tmp_path / "fine", max_bytes=4096).read_bytes() == b"x" * 2000
+
+
+def test_a_copy_without_an_announced_size_or_longer_than_announced_is_refused(tmp_path):
+    from pum.common.errors import InvalidInput
+
+    replies = {
+        "chunked": lambda: httpx.Response(200, content=iter([b"x" * 100])),
+        "liar": lambda: httpx.Response(200, stream=httpx.ByteStream(b"x" * 1000), headers={"content-length": "10"}),
+    }
+    for name, reply in replies.items():
+        api = WorkerAPI(httpx.Client(transport=httpx.MockTransport(lambda r: reply()), base_url="http://server"))
+        with pytest.raises(InvalidInput):
+            api.download_copy("lease-1", tmp_path / name)
+        assert (tmp_path / name).stat().st_size <= 10
+
+
+def test_worker_completes_a_job_on_a_model_folder_as_users_download_it(
+    server, make_model, tokenizer, forget_pairs, tmp_path, as_a_download
+):
+    folder = tmp_path / "downloaded"
+    tokenizer.save_pretrained(folder)
+    as_a_download(folder, make_model(0), shard_bytes=40_000)
+    job = server.create_job(folder, {"copies_m": 2, "rounds_R": 1, "inner_handler": "GradAscent", "local_max_steps": 1})
+    worker = run_worker(server, job, forget_pairs, None, tmp_path)
+    assert (worker.done, worker.failed) == (2, 0)
+    assert server.admin.get(f"/v1/jobs/{job}").json()["state"] == "finalized"
+
+
+def test_worker_completes_a_job_on_a_gpt_neox_checkpoint_saved_by_current_transformers(
+    server, tokenizer, forget_pairs, tmp_path
+):
+    """transformers 5 saves GPT-NeoX's head as `embed_out.weight` and loads it as `lm_head.weight`."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    folder = tmp_path / "neox"
+    torch.manual_seed(0)
+    GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        tie_word_embeddings=False,
+    )).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    job = server.create_job(folder, {"copies_m": 2, "rounds_R": 1, "inner_handler": "GradAscent", "local_max_steps": 1})
+    worker = run_worker(server, job, forget_pairs, None, tmp_path)
+    assert (worker.done, worker.failed) == (2, 0)
+    assert server.admin.get(f"/v1/jobs/{job}").json()["state"] == "finalized"
