@@ -7,8 +7,9 @@ names and a task name that is one safe path segment, and refuses a served config
 A config "loads code" when transformers would import or fetch something beyond its own built-in
 classes and the weights: `auto_map` (custom classes from .py files, in config.json or
 tokenizer_config.json), a hub kernel as attention or experts implementation ("org/repo", loaded
-through the `kernels` package), or a `quantization_config` (quantizers pull kernels and packages;
-a PUM copy is never quantized).
+through the `kernels` package), a `quantization_config` (quantizers pull kernels and packages;
+a PUM copy is never quantized), or `use_pretrained_backbone` (weights fetched from a hub).
+Python files and pickles never travel: they are not in PUBLIC_FILES.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def code_loading_keys(config: object, where: str = "") -> list[str]:
             found.append(f"{path} (custom code classes)")
         elif key == "quantization_config" and value is not None:
             found.append(f"{path} (quantized models pull kernels and packages)")
+        elif key == "use_pretrained_backbone" and value:
+            found.append(f"{path} (fetches backbone weights from a hub)")
         elif key.endswith("implementation") and not _built_in(value):
             found.append(f"{path} = {value!r} (only transformers' built-in implementations)")
     return found

@@ -64,6 +64,7 @@ def test_a_sound_lease_keeps_only_the_files_a_worker_needs():
     ("config.json", {"_attn_implementation": "kernels-community/flash-attn"}, "kernels-community"),
     ("config.json", {"attn_implementation": {"text_config": "evil/kernel"}}, "evil/kernel"),
     ("config.json", {"quantization_config": {"quant_method": "mxfp4"}}, "quantization_config"),
+    ("config.json", {"vision_config": {"use_pretrained_backbone": True}}, "use_pretrained_backbone"),
     ("generation_config.json", "not json{", "not UTF-8 JSON"),
 ])
 def test_served_files_that_would_load_code_are_refused(tmp_path, name, content, phrase):
