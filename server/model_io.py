@@ -9,6 +9,7 @@ would make a worker's transformers load code is refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -129,8 +130,8 @@ def ingest_weights(model_dir: Path, out_path: Path, what: str) -> dict[str, str]
     if not model_dir.is_dir():
         raise InvalidInput(f"{what} {model_dir} is not a folder on the server")
     check_config(model_dir)
-    shards = [SafetensorsFile(path) for path in weight_files(model_dir)]
-    try:
+    with contextlib.ExitStack() as stack:
+        shards = [stack.enter_context(SafetensorsFile(path)) for path in weight_files(model_dir)]
         located = _locate(model_dir, shards)
         match = match_checkpoint(model_dir, [info for _, info in located.values()])
         kept = [located[name][1] for name in match.names]
@@ -139,9 +140,6 @@ def ingest_weights(model_dir: Path, out_path: Path, what: str) -> dict[str, str]
         infos = [TensorInfo(match.names[i.name], "F32", i.shape) for i in kept]
         tensors = (located[i.name][0].read(i.name).float() for i in kept)
         save_file_atomic(out_path, infos, tensors, private=True)
-    finally:
-        for shard in shards:
-            shard.close()
     return {match.names[info.name]: info.dtype for info in kept}
 
 
