@@ -8,8 +8,8 @@ builds the model on the meta device (shapes only, no memory) and matches the che
   GPT-2 saved without its `transformer.` prefix, `LayerNorm.gamma` → `.weight`, ...); a key that
   needs more than a rename (experts merged into one tensor, fused projections split) is refused;
 - tensors transformers itself ignores when loading are dropped: the old buffers a model lists
-  as ignorable (GPT-2's `attn.bias`, per-layer `rotary_emb.inv_freq`) and tied copies (the
-  `lm_head.weight` of a model that ties it to its embeddings, which may also be absent);
+  as ignorable (GPT-2's `attn.bias`, per-layer `rotary_emb.inv_freq`) and second names of a tied
+  weight (the `lm_head.weight` of a model that shares it with its embeddings; it may be absent);
 - anything else missing, left over or of another shape is refused, every difference listed.
 """
 
@@ -38,32 +38,62 @@ def match_checkpoint(model_dir: Path, infos: list[TensorInfo]) -> CheckpointMatc
     """Match the checkpoint's tensors to the model its config.json describes; InvalidInput lists every difference."""
     model = meta_model(model_dir)
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # taken from their source on load
     rename = _renamer(model, expected)
-    names, dropped, needs_conversion = {}, [], []
-    for info in infos:
-        target, converted = rename(info.name)
-        if converted:
-            needs_conversion.append(info.name)
-        elif target in tied:
-            dropped.append(info.name)
-        else:
-            names[info.name] = target
-    by_target: dict[str, list[str]] = {}
-    for source, target in names.items():
-        by_target.setdefault(target, []).append(source)
-    unexpected = {target for target in names.values() if target not in expected}
-    missing = set(expected) - set(names.values()) - tied
-    ignored, missing = _ignored_by_transformers(model, unexpected, missing)
-    dropped += [source for source, target in names.items() if target in ignored]
-    shapes = {info.name: info.shape for info in infos}
+    renamed = {info.name: rename(info.name) for info in infos}
+    names = {source: target for source, (target, converted) in renamed.items() if not converted}
+    present = set(names.values())
+    tied_copies, tied_covered = _tied(model, present)
+    unexpected = present - set(expected)
+    ignored, missing = _ignored_by_transformers(model, unexpected, set(expected) - present - tied_covered)
+    problems = _differences(
+        needs_conversion=[source for source, (_, converted) in renamed.items() if converted],
+        names=names, unexpected=unexpected - ignored, missing=missing,
+        shapes={info.name: info.shape for info in infos}, expected=expected,
+    )
+    if problems:
+        raise InvalidInput(
+            f"the weights in {model_dir} do not fit the {type(model).__name__} its config.json describes: "
+            + "; ".join(problems) + ". Give the folder the config of these weights (or re-save the model with save_pretrained)"
+        )
+    kept = {source: target for source, target in names.items() if target not in ignored | tied_copies}
+    dropped = [source for source in names if source not in kept]
+    if moved := {s: t for s, t in kept.items() if s != t}:
+        log.info("%s: %d tensors renamed to the model's names, e.g. %s", model_dir, len(moved), next(iter(moved.items())))
+    if dropped:
+        log.info("%s: dropped %d tensors transformers does not load: %s", model_dir, len(dropped), _listed(dropped))
+    return CheckpointMatch(kept, dropped)
+
+
+def _tied(model: torch.nn.Module, present: set[str]) -> tuple[set[str], set[str]]:
+    """(names to drop, names that may be absent) for parameters the model shares between names.
+
+    Tied weights are one tensor under several names (`lm_head.weight` and the embeddings): the
+    checkpoint needs one of them; the first present in the model's order is kept, the others dropped.
+    """
+    by_tensor: dict[int, list[str]] = {}
+    for name, tensor in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(tensor), []).append(name)
+    copies, covered = set(), set()
+    for group in (names for names in by_tensor.values() if len(names) > 1):
+        found = [name for name in group if name in present]
+        if found:
+            copies.update(found[1:])
+            covered.update(group)
+    return copies, covered
+
+
+def _differences(*, needs_conversion, names, unexpected, missing, shapes, expected) -> list[str]:
+    """Every way the checkpoint differs from the model, one phrase each (empty when it fits)."""
     problems = []
     if needs_conversion:
         problems.append(f"tensors transformers converts on load (more than a rename): {_listed(needs_conversion)}")
-    if twice := {target: sources for target, sources in by_target.items() if len(sources) > 1}:
-        problems.append(f"tensors that name the same parameter: {_listed([f'{s} → {t}' for t, s in twice.items()])}")
-    if left := sorted(unexpected - ignored):
-        problems.append(f"tensors the model does not have: {_listed(left)}")
+    by_target: dict[str, list[str]] = {}
+    for source, target in names.items():
+        by_target.setdefault(target, []).append(source)
+    if twice := [f"{', '.join(sources)} → {target}" for target, sources in by_target.items() if len(sources) > 1]:
+        problems.append(f"tensors that name the same parameter: {_listed(twice)}")
+    if unexpected:
+        problems.append(f"tensors the model does not have: {_listed(sorted(unexpected))}")
     if missing:
         problems.append(f"parameters missing from the checkpoint: {_listed(sorted(missing))}")
     misshapen = [
@@ -72,17 +102,7 @@ def match_checkpoint(model_dir: Path, infos: list[TensorInfo]) -> CheckpointMatc
     ]
     if misshapen:
         problems.append(f"shapes that differ: {_listed(misshapen)}")
-    if problems:
-        raise InvalidInput(
-            f"the weights in {model_dir} do not fit the {type(model).__name__} its config.json describes: "
-            + "; ".join(problems) + ". Give the folder the config of these weights (or re-save the model with save_pretrained)"
-        )
-    kept = {source: target for source, target in names.items() if target not in ignored}
-    if renamed := {s: t for s, t in kept.items() if s != t}:
-        log.info("%s: %d tensors renamed to the model's names, e.g. %s", model_dir, len(renamed), next(iter(renamed.items())))
-    if dropped:
-        log.info("%s: dropped %d tensors transformers does not load: %s", model_dir, len(dropped), _listed(dropped))
-    return CheckpointMatch(kept, dropped)
+    return problems
 
 
 def meta_model(model_dir: Path) -> torch.nn.Module:

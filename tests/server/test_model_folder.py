@@ -218,3 +218,19 @@ def test_a_model_that_loads_code_is_refused(server, tmp_path, where, content):
     response = server.admin.post("/v1/jobs", json={"task": "t", "model_dir": str(folder)})
     assert response.status_code == 400, response.text
     assert where in response.json()["detail"] and next(iter(content)) in response.json()["detail"]
+
+
+def test_a_tied_head_saved_next_to_its_embeddings_is_dropped_and_an_untied_one_is_required(server, tmp_path):
+    """A model that ties lm_head to its embeddings takes the head from them: a saved copy of it is not perturbed
+    on its own; a model that does not tie them needs its head."""
+    tied = tmp_path / "tied"
+    tiny("llama", tie=True).save_pretrained(tied)
+    rewrite_weights(tied, lambda t: {**t, "lm_head.weight": t["model.embed_tokens.weight"].clone()})
+    job = server.create_job(tied, {"copies_m": 2})
+    assert "lm_head.weight" not in a_copy(server, job) and "model.embed_tokens.weight" in a_copy(server, job)
+
+    untied = tmp_path / "untied"
+    tiny("llama", tie=False).save_pretrained(untied)
+    rewrite_weights(untied, lambda t: {n: v for n, v in t.items() if n != "lm_head.weight"})
+    response = server.admin.post("/v1/jobs", json={"task": "t2", "model_dir": str(untied)})
+    assert response.status_code == 400 and "missing from the checkpoint: lm_head.weight" in response.json()["detail"]
