@@ -37,7 +37,7 @@ def test_the_installed_torch_is_what_transformers_uses():
 
 def test_worker_calls_from_pretrained_with_dtype():
     """The reason for transformers' floor: 4.56 is the first release whose from_pretrained takes dtype=."""
-    assert re.search(r"from_pretrained\([^)]*\bdtype=", (REPO / "client" / "worker.py").read_text())
+    assert re.search(r"from_pretrained\([^)]*\bdtype=", (REPO / "client" / "lease_checks.py").read_text())
     assert project_ranges()["transformers"].contains("4.56.0") and not project_ranges()["transformers"].contains("4.55.4")
 
 
