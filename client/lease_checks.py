@@ -13,13 +13,13 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-from pum.common.codec import MAX_HEADER_BYTES, read_stream
+from pum.common.codec import MAX_HEADER_BYTES, SafetensorsFile
 from pum.common.model_files import PUBLIC_FILES, code_loading_keys, is_plain_file_name, is_task_name
 from pum.common.schemas import TaskSpec
 
@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 # Largest public file a worker downloads: tokenizer.json files reach ~35 MB (Gemma 3 is 33 MB).
 MAX_PUBLIC_FILE_BYTES = 128 * 2**20
 _LEASE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # it goes into URL paths
-_CHUNK = 1 << 20
 
 
 class RefusedLease(ValueError):
@@ -91,12 +90,14 @@ def check_served_files(folder: Path) -> None:
 
 
 def read_copy(path: Path) -> dict[str, torch.Tensor]:
-    """The copy's tensors, parsed with the server's header limit and the file's size as the bound."""
-    size = path.stat().st_size
-    return {
-        info.name: tensor
-        for info, tensor in read_stream(_chunks(path), max_header_bytes=MAX_HEADER_BYTES, max_total_bytes=size)
-    }
+    """The copy's tensors, once its header passes the server's own checks (size limit, layout, file size).
+
+    The tensors come from safetensors' `load_file`: file-backed pages, which the kernel may evict,
+    rather than a second copy of the model in the worker's anonymous memory.
+    """
+    with SafetensorsFile(path, max_header_bytes=MAX_HEADER_BYTES):
+        pass
+    return load_file(path)
 
 
 def load_served_model(folder: Path, device: str, received: dict[str, torch.Tensor]):
@@ -120,12 +121,6 @@ def load_served_model(folder: Path, device: str, received: dict[str, torch.Tenso
         listed = "; ".join(f"{key}: {_short(names)}" for key, names in problems.items())
         raise RefusedLease(f"the copy does not fit the served config: {listed}")
     return model.to(device), tokenizer
-
-
-def _chunks(path: Path) -> Iterator[bytes]:
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            yield chunk
 
 
 def _short(value: object) -> str:
