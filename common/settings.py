@@ -41,7 +41,7 @@ ENV_NAMES: dict[str, str] = {
     "dp_per_layer_allocation": "DP_PER_LAYER_ALLOC",
     "dp_sensitivity_per_layer_l2": "DP_SENS_PER_LAYER_L2", "dp_sensitivity_total_l2": "DP_SENS_TOTAL_L2",
     "dp_use_worstcase_alpha": "DP_USE_WORSTCASE_ALPHA", "dp_alpha_policy": "DP_ALPHA_POLICY",
-    "dp_conversion": "DP_CONVERSION",
+    "dp_conversion": "DP_CONVERSION", "dp_target": "DP_TARGET",
     "sigma": "PUM_SIGMA", "sigma_per_layer": "PUM_SIGMA_PER_LAYER", "noise_kappa": "PUM_NOISE_KAPPA",
     "noise_structure": "PUM_NOISE_STRUCTURE", "base_model": "PUM_BASE_MODEL",
     "inner_handler": "PUM_INNER_HANDLER", "local_epochs": "PUM_LOCAL_EPOCHS", "local_max_steps": "PUM_LOCAL_MAX_STEPS",
@@ -98,6 +98,10 @@ class PumSettings(BaseSettings):
     dp_alpha_policy: Literal["worstcase", "expected", "realized"] | None = Field(
         None, description="S_α policy; None = from dp_use_worstcase_alpha (worstcase, else expected)")
     dp_conversion: Literal["improved", "classic", "exact"] = Field("improved", description="RDP → (ε,δ) rule")
+    dp_target: Literal["true_release", "seed_formula"] | None = Field(
+        None, description="what dp_epsilon bounds: true_release = the true ε of all copies of every round "
+                          "(σ_ℓ kept, jitter τ_ℓ calibrated), seed_formula = the formula that treats copies as "
+                          "independent; None = true_release for zero_sum noise, seed_formula for independent")
     sigma: float | None = Field(None, ge=0, description="manual noise std σ for every tensor")
     sigma_per_layer: list[NonNeg] | dict[str, NonNeg] | None = Field(
         None, description="manual σ per layer group: a list, or a mapping of group name to σ")
@@ -113,13 +117,15 @@ class PumSettings(BaseSettings):
     clip_update_norm_per_layer: float | None = Field(None, gt=0, description="per-layer L2 clip of each update")
     use_orthogonal_reparam: bool = Field(False, description="hide each copy behind secret orthogonal maps T_k")
     auto_advance: bool = Field(True, description="advance when all m copies are in; False = wait for an admin call")
-    per_token_copy_cap: int | None = Field(None, ge=1, description="most copies of one round per worker token")
+    per_token_copy_cap: int | None = Field(
+        None, ge=1, description="most copies of one round one worker token may lease; it limits a token, not "
+                                "the data owner, who may hold many tokens (see token parties)")
     prompt_format: Literal["auto", "chat", "plain"] = Field(
         "auto", description="how workers prompt: chat (the tokenizer's template, open-unlearning's TOFU prompt), "
                             "plain ('Question: …\\nAnswer:'), auto = chat when the tokenizer has a template")
     seed: int | None = Field(
         None, ge=0, description="None = fresh secret randomness; an int makes α, seeds and transforms "
-                                "reproducible and predictable (tests only: it weakens secrecy)")
+                                "reproducible and predictable: refused unless the server runs with --dev")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
@@ -146,6 +152,8 @@ class PumSettings(BaseSettings):
         # Resolve the derived defaults once, so every reader sees the same values.
         if not given:
             object.__setattr__(self, "noise_kappa", DEFAULT_NOISE_KAPPA)
+        if self.dp_target is None:
+            object.__setattr__(self, "dp_target", "true_release" if self.noise_structure == "zero_sum" else "seed_formula")
         if policy is None:
             object.__setattr__(self, "dp_alpha_policy", "worstcase" if self.dp_use_worstcase_alpha else "expected")
         else:

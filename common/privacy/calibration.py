@@ -94,11 +94,12 @@ def total_variance(sigmas: Mapping[str, float], sizes: Mapping[str, int]) -> flo
 
 
 def layer_sensitivities(settings: PumSettings, groups: Sequence[str],
-                        clip_norms: Mapping[str, float] | None) -> dict[str, float] | None:
+                        clip_norms: Mapping[str, float | None] | None) -> dict[str, float] | None:
     """Δ̄_ℓ per group: 2·C_ℓ from the center clipping norms, else `dp_sensitivity_per_layer_l2`
-    (one value for all groups, or one per group in `groups` order). None when unknown or partial."""
+    (one value for all groups, or one per group in `groups` order). None when unknown or partial
+    (a group without C_ℓ, e.g. no center_clip_C_global, is published unclipped: nothing bounds it)."""
     if clip_norms is not None:
-        if not groups or any(g not in clip_norms for g in groups):
+        if not groups or any(clip_norms.get(g) is None for g in groups):
             return None
         return {g: 2.0 * float(clip_norms[g]) for g in groups}
     given = settings.dp_sensitivity_per_layer_l2

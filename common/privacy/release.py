@@ -29,7 +29,7 @@ import scipy.linalg
 from pum.common.privacy.exact import epsilon_exact
 
 __all__ = ["copy_covariance", "ones_precision", "round_mu_squared", "worst_subset_mu_squared",
-           "true_mu", "true_epsilon", "MAX_SUBSETS"]
+           "true_mu", "true_epsilon", "smallest_tau", "MAX_SUBSETS"]
 
 MAX_SUBSETS = 20_000  # past this many subsets of a coalition size, bound by the full release
 _NULL_TOL = 1e-13     # eigenvalues below this fraction of the largest count as zero
@@ -79,22 +79,28 @@ def ones_precision(cov: np.ndarray, subset: Sequence[int] | None = None) -> floa
     return float(np.sum(proj[~null] ** 2 / w[~null])) / scale
 
 
+def _tau_of(tau: float | Mapping[str, float], group: str) -> float:
+    return float(tau[group]) if isinstance(tau, Mapping) else float(tau)
+
+
 def round_mu_squared(alphas: Sequence[float], sigmas: Mapping[str, float], sensitivities: Mapping[str, float],
-                     tau: float, structure: str, subset: Sequence[int] | None = None) -> float:
-    """μ² of one round: Σ_ℓ Δ̄_ℓ²·1ᵀΣ_ℓ,JJ⁻¹1 over the groups of `sensitivities` (each needs a σ_ℓ)."""
+                     tau: float | Mapping[str, float], structure: str, subset: Sequence[int] | None = None) -> float:
+    """μ² of one round: Σ_ℓ Δ̄_ℓ²·1ᵀΣ_ℓ,JJ⁻¹1 over the groups of `sensitivities` (each needs a σ_ℓ;
+    τ is one jitter for every group or a τ_ℓ per group)."""
     total, cache = 0.0, {}
     for group, sens in sensitivities.items():
         if sens == 0:
             continue
-        sigma = float(sigmas[group])
-        if sigma not in cache:
-            cache[sigma] = ones_precision(copy_covariance(alphas, sigma, tau, structure), subset)
-        total += sens**2 * cache[sigma]
+        scales = (float(sigmas[group]), _tau_of(tau, group))
+        if scales not in cache:
+            cache[scales] = ones_precision(copy_covariance(alphas, *scales, structure), subset)
+        total += sens**2 * cache[scales]
     return total
 
 
 def worst_subset_mu_squared(alphas: Sequence[float], sigmas: Mapping[str, float],
-                            sensitivities: Mapping[str, float], tau: float, structure: str, size: int) -> float:
+                            sensitivities: Mapping[str, float], tau: float | Mapping[str, float], structure: str,
+                            size: int) -> float:
     """max over sets J of `size` copies of one round's μ²_J (a coalition holds the same copies in
     every layer). Past MAX_SUBSETS sets, the full release bounds it (μ² grows with J)."""
     m = len(alphas)
@@ -109,7 +115,7 @@ def worst_subset_mu_squared(alphas: Sequence[float], sigmas: Mapping[str, float]
 
 
 def true_mu(alphas_per_round: Sequence[Sequence[float]], sigmas: Mapping[str, float],
-            sensitivities: Mapping[str, float], tau: float, structure: str,
+            sensitivities: Mapping[str, float], tau: float | Mapping[str, float], structure: str,
             copies: int | Sequence[int] | None = None) -> float:
     """μ of the whole run: √(Σ_r μ_r²). `copies`: None = all m copies; an int j = the worst set
     of j copies in each round; a sequence of indices = those copies in every round."""
@@ -125,3 +131,25 @@ def true_mu(alphas_per_round: Sequence[Sequence[float]], sigmas: Mapping[str, fl
 def true_epsilon(mu: float, delta: float) -> float:
     """ε at δ of a Gaussian mechanism with μ, by the exact (analytic Gaussian) conversion."""
     return epsilon_exact(mu, delta)
+
+
+def smallest_tau(alphas: Sequence[float], sigma: float, sensitivity: float, structure: str, target_mu2: float,
+                 tau_min: float = 0.0) -> float:
+    """The smallest τ ≥ `tau_min` with Δ̄²·1ᵀΣ(σ, τ)⁻¹1 ≤ `target_mu2`, by bisection.
+
+    Σ(σ, τ) grows with τ in the Loewner order, so 1ᵀΣ⁻¹1 falls monotonically; and Σ ⪰ τ²·I gives
+    1ᵀΣ⁻¹1 ≤ m/τ², so τ_hi = Δ̄·√(m/target) always meets the target. The answer is the upper end
+    of the final bracket (relative width 1e-13): it never overshoots the target.
+    """
+    if not target_mu2 > 0:
+        raise ValueError(f"target μ² must be > 0 (got {target_mu2!r})")
+    excess = lambda t: sensitivity**2 * ones_precision(copy_covariance(alphas, sigma, t, structure)) - target_mu2  # noqa: E731
+    if sensitivity == 0 or excess(tau_min) <= 0:
+        return tau_min
+    lo, hi = tau_min, max(tau_min, sensitivity * math.sqrt(len(alphas) / target_mu2))
+    while excess(hi) > 0:  # rounding only: the bound holds in exact arithmetic
+        lo, hi = hi, 2.0 * hi
+    while hi - lo > 1e-13 * hi:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if excess(mid) > 0 else (lo, mid)
+    return hi
