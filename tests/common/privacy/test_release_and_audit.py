@@ -10,7 +10,9 @@ import torch
 from hypothesis import given, settings as hsettings, strategies as st
 
 from pum.common.noise import CopyNoise, draw_alphas, job_key_from_seed, mean_base_noise
-from pum.common.privacy.audit import audit, estimate_center, min_variance_weights
+from pum.common.privacy.audit import (
+    audit, center_free_weights, estimate_center, min_variance_weights, noise_covariance_from_differences,
+)
 from pum.common.privacy.calibration import max_mu_for, s_alpha
 from pum.common.privacy.exact import epsilon_exact
 from pum.common.privacy.release import copy_covariance, ones_precision, round_mu_squared, true_epsilon, true_mu
@@ -150,3 +152,62 @@ def test_weights_accept_numpy_and_refuse_bad_input():
         min_variance_weights([x[0]])
     with pytest.raises(ValueError, match="same number of elements"):
         min_variance_weights([x[0], x[1, :2]])
+
+
+def test_center_free_attack_is_immune_to_a_large_center():
+    # a center 100× the noise: the min-variance weights pick up its chance correlation with the noise,
+    # the differences x_k − x_j do not contain it at all
+    gen = torch.Generator().manual_seed(5)
+    sigma, tau = 0.05, 0.005
+    center = 100 * sigma * torch.randn(20_000, generator=gen)
+    copies, alphas = publish("zero_sum", sigma, tau, center)
+    floor = ones_precision(copy_covariance(alphas, sigma, tau, "zero_sum")) ** -0.5
+    result = audit(copies, center, structure="zero_sum", floor_rmse=floor)
+    attacks = result["attacks"]
+    assert result["strongest"] == "center_free" and result["rmse_over_floor"] == pytest.approx(1.0, rel=0.10)
+    assert attacks["min_variance"]["rmse"] > 5 * attacks["center_free"]["rmse"]
+    np.testing.assert_allclose(center_free_weights(copies, "zero_sum"), attacks["center_free"]["weights"])
+
+
+@pytest.mark.parametrize("structure, tau_ratio", [("zero_sum", 0.0), ("independent", 0.3)])
+def test_noise_covariance_fitted_from_differences(structure, tau_ratio):
+    gen = torch.Generator().manual_seed(6)
+    sigma = 0.05
+    center = 10 * torch.randn(N, generator=gen)  # 200 σ: invisible in the differences
+    copies, alphas = publish(structure, sigma, tau_ratio * sigma, center)
+    fitted = noise_covariance_from_differences(copies, structure)
+    truth = copy_covariance(alphas, sigma, tau_ratio * sigma, structure)
+    if structure == "independent":  # the diagonal σ²α_k² + τ² is what is identifiable (and all that matters)
+        np.testing.assert_allclose(np.diag(fitted), np.diag(truth), rtol=0.02)
+    else:  # τ = 0: the weights ∝ 1/β cancel the zero-sum noise, whatever the center
+        assert audit(copies, center, structure=structure)["attacks"]["center_free"]["relative_error"] < 0.01
+    assert noise_covariance_from_differences(copies[:2], structure) is None  # m = 2: not identifiable
+
+
+def test_alignment_undoes_the_reparameterization(tmp_path):
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pum.common.privacy.align import align_layer
+    from pum.common.reparam import CopyTransform, adapter_for
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=64, num_hidden_layers=1, num_attention_heads=8,
+                                         num_key_value_heads=2, intermediate_size=96, attention_bias=True))
+    config = json.loads(model.config.to_json_string())
+    config["architectures"] = ["LlamaForCausalLM"]
+    theta = {n: t.detach() for n, t in model.state_dict().items() if n.startswith("model.layers.0.")}
+    adapter = adapter_for(config)
+    key, gen = job_key_from_seed(1), torch.Generator().manual_seed(1)
+    transforms = [CopyTransform(adapter, config, key, 1, k) for k in range(M)]
+    for noise in (0.0, 0.05):
+        copies = [{n: t.forward(n, v + noise * v.std() * torch.randn(v.shape, generator=gen)).double().numpy()
+                   for n, v in theta.items()} for t in transforms]
+        aligned = align_layer(copies, adapter, adapter.dims(config), 0)
+        for n, v in theta.items():
+            truth = transforms[0].forward(n, v).double().numpy()
+            for k in range(M):
+                assert np.abs(aligned[k][n] - truth).max() <= 1e-5 + 10 * noise * float(v.std()), (n, k)
+            if noise == 0.0 and transforms[0].touches(n) and float(v.abs().max()) > 0:
+                assert np.abs(copies[1][n] - truth).max() > 1e-3  # unaligned copies really differ
