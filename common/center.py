@@ -1,7 +1,7 @@
 """The clipped center θ̃ and its public reference θ_ref (DESIGN.md §3.1, §3.7, §4 "Clipping").
 
     θ̃ = θ_ref + clip_ℓ(θ − θ_ref),   clip(v, C) = v·min(1, C/‖v‖₂), per layer group ℓ
-    θ_ref ← β·θ_ref + (1 − β)·θ̃      after each round
+    θ_ref ← β·θ_ref + (1 − β)·H       after each round, H = Σ_k w_k·copy_k / S0 (released, not θ̃)
     C_ℓ   = κ_c·Quantile_q({‖θ_ℓ^(j) − θ_base,ℓ‖₂}_j) over public reference models j (quantile policy)
 
 All work is file to file, one tensor at a time (float32 values, float64 sums); the outputs are
@@ -11,9 +11,11 @@ server secrets and are created 0600.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .aggregate import clip_scale, sum_of_squares
 from .codec import SafetensorsFile, SafetensorsFileWriter, TensorInfo
@@ -83,8 +85,11 @@ def write_center(
     return factors
 
 
-def write_reference_ema(reference: SafetensorsFile, center: SafetensorsFile, beta: float, out: Path) -> None:
-    """θ_ref ← β·θ_ref + (1 − β)·θ̃ to `out`."""
+def write_reference_ema(reference: SafetensorsFile, released: Callable[[TensorInfo], torch.Tensor], beta: float,
+                        out: Path) -> None:
+    """θ_ref ← β·θ_ref + (1 − β)·released to `out`, `released(info)` one tensor of a released
+    quantity (the harmonic combination of the round's copies), never the secret center: θ_ref must
+    stay a function of what was published for the sensitivity 2·C_ℓ of the next round to hold."""
     with SafetensorsFileWriter(out, [TensorInfo(i.name, "F32", i.shape) for i in reference.infos], private=True) as writer:
         for info in reference.infos:
-            writer.write(info.name, reference.read(info.name).float().mul_(beta).add_(center.read(info.name), alpha=1 - beta))
+            writer.write(info.name, reference.read(info.name).float().mul_(beta).add_(released(info), alpha=1 - beta))

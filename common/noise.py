@@ -98,9 +98,12 @@ class CopyNoise:
     tau: float
     structure: NoiseStructure
 
-    def add_noise_inplace(self, tensor: str, center: torch.Tensor, sigma: float, z_mean: torch.Tensor | None) -> torch.Tensor:
+    def add_noise_inplace(self, tensor: str, center: torch.Tensor, sigma: float, z_mean: torch.Tensor | None,
+                          tau: float | None = None) -> torch.Tensor:
         """center + α_k·σ·ε_k + τ·ξ_k for one tensor, in float32; a float32 `center` is overwritten
-        (publication reads each tensor fresh from disk, so no extra copy is made). `z_mean` is z̄."""
+        (publication reads each tensor fresh from disk, so no extra copy is made). `z_mean` is z̄;
+        `tau` the layer group's τ_ℓ (None: the copy's `tau`)."""
+        tau = self.tau if tau is None else tau
         out = center if center.dtype == torch.float32 else center.to(torch.float32)
         if sigma > 0:
             z = base_noise(self.key, self.round_, self.copy, tensor, out.shape)
@@ -109,9 +112,30 @@ class CopyNoise:
                     raise ValueError("zero-sum noise needs z̄ of the tensor (mean_base_noise)")
                 zero_sum_inplace(z, z_mean, self.m)
             out.add_(z, alpha=self.alpha * sigma)
-        if self.tau > 0:
-            out.add_(jitter_noise(self.key, self.round_, self.copy, tensor, out.shape), alpha=self.tau)
+        if tau > 0:
+            out.add_(jitter_noise(self.key, self.round_, self.copy, tensor, out.shape), alpha=tau)
         return out
+
+
+def harmonic_noise(key: bytes, round_: int, alphas: list[float], tensor: str, shape, sigma: float, tau: float,
+                   structure: NoiseStructure) -> torch.Tensor:
+    """The noise left in the harmonic combination Σ_k w_k·copy_k / S0 (w_k = 1/α_k, S0 = Σ_k w_k)
+    of the m copies of one tensor, in float32:
+
+        zero_sum      τ·Σ_k w_k·ξ_k / S0   (the base noise cancels: Σ_k w_k·α_k·σ·ε⁰_k = σ·Σ_k ε⁰_k = 0)
+        independent   σ·Σ_k z_k / S0 + τ·Σ_k w_k·ξ_k / S0
+
+    center + this is a function of the released copies (the server's own α), so anything derived
+    from it is post-processing of the release.
+    """
+    s0 = sum(1.0 / a for a in alphas)
+    total = torch.zeros(tuple(shape), dtype=torch.float32)
+    for k, alpha in enumerate(alphas):
+        if structure == "independent" and sigma > 0:
+            total.add_(base_noise(key, round_, k, tensor, shape), alpha=sigma / s0)
+        if tau > 0:
+            total.add_(jitter_noise(key, round_, k, tensor, shape), alpha=tau / (alpha * s0))
+    return total
 
 
 def relative_sigmas(sum_squares: dict[str, float], counts: dict[str, int], kappa: float, per_layer: bool) -> dict[str, float]:
