@@ -21,7 +21,7 @@ from pum.common.reparam import adapter_for
 from pum.common.settings import PumSettings
 
 from .model_io import ingest_model, ingest_weights
-from .rounds import JobFiles, dp_sigmas, group_sizes, write_secret
+from .rounds import JobFiles, dp_noise, group_sizes, write_secret
 
 
 def create_job_files(files: JobFiles, source: Path, settings: PumSettings) -> dict:
@@ -47,9 +47,21 @@ def create_job_files(files: JobFiles, source: Path, settings: PumSettings) -> di
     key = job_key_from_seed(settings.seed) if settings.seed is not None else new_job_key()
     write_secret(files.key, key)
     if settings.noise_mode == "dp":  # an impossible calibration is refused now, not at the start
-        with SafetensorsFile(files.theta(1)) as theta:
-            dp_sigmas(theta, key, settings, clip_norms, 1)
+        check_dp_clipping(clip_norms, groups)
+        dp_noise(sizes, key, settings, clip_norms, 1)
     return {"dtypes": dtypes, "clip_norms": clip_norms, "has_base": files.base.exists(), "group_sizes": sizes}
+
+
+def check_dp_clipping(clip_norms: dict[str, float | None] | None, groups: list[str]) -> None:
+    """A DP job needs every layer group's center clipped: an unclipped group has no sensitivity bound."""
+    if clip_norms is None:
+        raise InvalidInput("dp_epsilon needs center clipping (center_clip_C_per_layer and center_clip_C_global, "
+                           "DP sensitivities, or the quantile policy): without it nothing bounds the sensitivity")
+    unclipped = [g for g in groups if clip_norms.get(g) is None]
+    if unclipped:
+        raise InvalidInput(
+            f"dp_epsilon needs a clipping norm for every layer group; {', '.join(unclipped)} would be published "
+            "unclipped (no sensitivity bound): set center_clip_C_global for the embeddings, final norm and lm_head")
 
 
 def center_clip_norms(settings: PumSettings, groups: list[str], files: JobFiles) -> dict[str, float | None] | None:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -25,9 +26,9 @@ from pum.common.aggregate import accumulate_delta, apply_update, harmonic_weight
 from pum.common.center import write_center, write_reference_ema
 from pum.common.codec import DTYPES, SafetensorsFile, TensorInfo, save_file_atomic, stream_safetensors_from
 from pum.common.layers import group_names, layer_group
-from pum.common.noise import CopyNoise, draw_alphas, mean_base_noise, relative_sigmas
+from pum.common.noise import CopyNoise, draw_alphas, harmonic_noise, mean_base_noise, relative_sigmas
 from pum.common.reparam import CopyTransform, adapter_for
-from pum.common.privacy.calibration import calibrate
+from pum.common.privacy.target import RoundNoise, calibrate_round
 from pum.common.settings import PumSettings
 
 
@@ -109,14 +110,19 @@ def group_sizes(infos) -> dict[str, int]:
     return sizes
 
 
-def dp_sigmas(
-    theta: SafetensorsFile, key: bytes, settings: PumSettings, clip_norms: dict[str, float | None] | None, round_: int
-) -> dict[str, float]:
-    """σ_ℓ calibrated to (dp_epsilon, dp_delta) over R rounds with this round's C_ℓ and realized α."""
+def dp_noise(
+    sizes: dict[str, int], key: bytes, settings: PumSettings, clip_norms: dict[str, float | None] | None, round_: int
+) -> RoundNoise:
+    """σ_ℓ and τ_ℓ for (dp_epsilon, dp_delta) over R rounds and `dp_target`, with this round's C_ℓ
+    and realized α. `sizes` d_ℓ per layer group (the job spec's `group_sizes`)."""
     clips = clip_thresholds_for_round(clip_norms, settings, round_) if clip_norms else None
     alphas = draw_alphas(key, round_, settings.copies_m, settings.alpha_min, settings.alpha_max)
-    calibration = calibrate(settings, group_sizes(theta.infos), clips, alphas)
-    return {g: calibration.sigma_for(g) for g in group_names(theta.names)}
+    return calibrate_round(settings, sizes, clips, alphas)
+
+
+def round_noise(rnd, settings: PumSettings) -> tuple[dict[str, float], dict[str, float]]:
+    """(σ_ℓ, τ_ℓ) of a stored round; a round stored before τ_ℓ was kept used jitter_tau everywhere."""
+    return rnd.sigmas, rnd.taus or dict.fromkeys(rnd.sigmas, settings.jitter_tau)
 
 
 def clip_thresholds_for_round(clip_norms: dict[str, float | None], settings: PumSettings, round_: int) -> dict[str, float | None]:
@@ -127,8 +133,8 @@ def clip_thresholds_for_round(clip_norms: dict[str, float | None], settings: Pum
 
 def prepare_round(
     files: JobFiles, key: bytes, settings: PumSettings, clip_norms: dict[str, float | None] | None, round_: int
-) -> dict[str, float]:
-    """Write the round's center (when clipping) and z̄; returns σ_ℓ. Idempotent: a crash redoes it."""
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Write the round's center (when clipping) and z̄; returns (σ_ℓ, τ_ℓ). Idempotent: a crash redoes it."""
     files.round_dir(round_).mkdir(parents=True, exist_ok=True)
     if clip_norms is not None:
         clipped = files.round_dir(round_) / "center.safetensors"
@@ -138,16 +144,18 @@ def prepare_round(
     try:
         with SafetensorsFile(files.theta(round_)) as theta:
             if settings.noise_mode == "dp":
-                sigmas = dp_sigmas(theta, key, settings, clip_norms, round_)
+                noise = dp_noise(group_sizes(theta.infos), key, settings, clip_norms, round_)
+                sigmas, taus = noise.sigmas, noise.taus
             else:
                 sigmas = noise_scales(theta, base, settings)
+                taus = dict.fromkeys(sigmas, settings.jitter_tau)
         if uses_zbar(settings, sigmas):
             with SafetensorsFile(files.center(round_)) as center:
                 write_zbar(center, key, round_, settings.copies_m, files.zbar(round_))
     finally:
         if base:
             base.close()
-    return sigmas
+    return sigmas, taus
 
 
 def manual_per_layer_sigmas(values, groups: list[str]) -> dict[str, float]:
@@ -200,12 +208,13 @@ def published_layout(theta_path: Path, dtypes: dict[str, str]) -> list[TensorInf
         return [TensorInfo(i.name, dtypes.get(i.name, "F32"), i.shape) for i in theta.infos]
 
 
-def copy_chunks(
+@contextmanager
+def copy_tensors(
     files: JobFiles, key: bytes, settings: PumSettings, round_: int, k: int,
-    sigmas: dict[str, float], layout: list[TensorInfo], start: int = 0,
-) -> Iterator[bytes]:
-    """The safetensors bytes of copy k from byte `start` on, generated tensor by tensor from the
-    seeds: a resumed download regenerates exactly the same bytes."""
+    sigmas: dict[str, float], taus: dict[str, float],
+) -> Iterator[Callable[[TensorInfo], torch.Tensor]]:
+    """A function giving one tensor of copy k as published (T_k(θ̃ + α_k·σ_ℓ·ε_k + τ_ℓ·ξ_k) in the
+    layout's dtype), generated from the seeds; the round's files stay open while it is in use."""
     noise = copy_noise(key, settings, round_, k)
     transform = copy_transform(files, key, settings, round_, k)
     with SafetensorsFile(files.center(round_)) as center:
@@ -213,16 +222,26 @@ def copy_chunks(
         try:
             def noisy(info: TensorInfo) -> torch.Tensor:
                 z_mean = zbar.read(info.name) if zbar else None
-                sigma = sigmas[layer_group(info.name)]
-                tensor = noise.add_noise_inplace(info.name, center.read(info.name), sigma, z_mean)
+                group = layer_group(info.name)
+                tensor = noise.add_noise_inplace(info.name, center.read(info.name), sigmas[group], z_mean, taus[group])
                 if transform is not None:
                     tensor = transform.forward(info.name, tensor)
                 return tensor.to(DTYPES[info.dtype])
 
-            yield from stream_safetensors_from(layout, noisy, start)
+            yield noisy
         finally:
             if zbar:
                 zbar.close()
+
+
+def copy_chunks(
+    files: JobFiles, key: bytes, settings: PumSettings, round_: int, k: int,
+    sigmas: dict[str, float], taus: dict[str, float], layout: list[TensorInfo], start: int = 0,
+) -> Iterator[bytes]:
+    """The safetensors bytes of copy k from byte `start` on, generated tensor by tensor from the
+    seeds: a resumed download regenerates exactly the same bytes."""
+    with copy_tensors(files, key, settings, round_, k, sigmas, taus) as noisy:
+        yield from stream_safetensors_from(layout, noisy, start)
 
 
 def merge_spooled(
@@ -248,13 +267,24 @@ def merge_spooled(
     return s0 + weight, out
 
 
-def step(files: JobFiles, settings: PumSettings, round_: int, s0: float, s1_path: Path) -> Path:
-    """θ_{r+1} = θ_r + η·S1/S0, and with clipping θ_ref,r+1 = β·θ_ref,r + (1 − β)·θ̃_r."""
+def step(files: JobFiles, key: bytes, settings: PumSettings, round_: int, s0: float, s1_path: Path,
+         sigmas: dict[str, float], taus: dict[str, float]) -> Path:
+    """θ_{r+1} = θ_r + η·S1/S0, and with clipping θ_ref,r+1 = β·θ_ref,r + (1 − β)·H_r, with
+    H_r = Σ_k w_k·copy_k / S0 the harmonic combination of the round's published copies (before
+    T_k): a released quantity, so the next round's sensitivity stays 2·C_ℓ given the past rounds.
+    (The EMA of the secret center θ̃ would add (1 − β)·2·C_ℓ,r to every later round's sensitivity.)"""
     out = files.theta(round_ + 1)
     with SafetensorsFile(files.theta(round_)) as theta, SafetensorsFile(s1_path) as s1:
         apply_update(theta, s1, s0, settings.eta_srv, out)
     if files.theta_ref(round_).exists():
         files.round_dir(round_ + 1).mkdir(parents=True, exist_ok=True)
+        alphas = draw_alphas(key, round_, settings.copies_m, settings.alpha_min, settings.alpha_max)
         with SafetensorsFile(files.theta_ref(round_)) as ref, SafetensorsFile(files.center(round_)) as center:
-            write_reference_ema(ref, center, settings.theta_ref_beta, files.theta_ref(round_ + 1))
+            def released(info: TensorInfo) -> torch.Tensor:
+                group = layer_group(info.name)
+                noise = harmonic_noise(key, round_, alphas, info.name, info.shape, sigmas[group], taus[group],
+                                       settings.noise_structure)
+                return noise.add_(center.read(info.name).float())
+
+            write_reference_ema(ref, released, settings.theta_ref_beta, files.theta_ref(round_ + 1))
     return out

@@ -229,8 +229,9 @@ class JobService:
         size = total_size(layout)
         if not 0 <= start < size:
             raise RangeNotSatisfiable(f"range start {start} is outside the copy's {size} bytes")
-        sigmas = self.store.round(job.id, lease.round).sigmas
-        chunks = R.copy_chunks(files, self._key(job.id), self._settings(job), lease.round, lease.k, sigmas, layout, start)
+        settings = self._settings(job)
+        sigmas, taus = R.round_noise(self.store.round(job.id, lease.round), settings)
+        chunks = R.copy_chunks(files, self._key(job.id), settings, lease.round, lease.k, sigmas, taus, layout, start)
         return size, self._one_of_few(chunks)
 
     def _one_of_few(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -310,7 +311,9 @@ class JobService:
         files = self._files(job.id)
         rnd = self.store.round(job.id, job.round)
         try:
-            R.step(files, settings, job.round, rnd.s0, files.round_dir(job.round) / rnd.s1_file)
+            sigmas, taus = R.round_noise(rnd, settings)
+            R.step(files, self._key(job.id), settings, job.round, rnd.s0, files.round_dir(job.round) / rnd.s1_file,
+                   sigmas, taus)
             self.store.finish_round(job.id, job.round)
             shutil.rmtree(files.round_dir(job.round), ignore_errors=True)
             if job.round < settings.rounds_R:
@@ -327,8 +330,8 @@ class JobService:
     def _open_round(self, job: Job, round_: int) -> None:
         settings = self._settings(job)
         files = self._files(job.id)
-        sigmas = R.prepare_round(files, self._key(job.id), settings, job.spec.get("clip_norms"), round_)
-        self.store.open_round(job.id, round_, settings.copies_m, sigmas)
+        sigmas, taus = R.prepare_round(files, self._key(job.id), settings, job.spec.get("clip_norms"), round_)
+        self.store.open_round(job.id, round_, settings.copies_m, sigmas, taus)
         if round_ > 1:
             files.theta(round_ - 1).unlink(missing_ok=True)
 

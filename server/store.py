@@ -20,6 +20,9 @@ from typing import Any, Callable, Iterator
 
 from pum.common.errors import LeaseExpired
 
+# Columns added after the first release, with their definitions: an older state.db gets them on open.
+ADDED_COLUMNS = {"tokens": {"party": "TEXT NOT NULL DEFAULT ''"}, "rounds": {"taus": "TEXT NOT NULL DEFAULT '{}'"}}
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, task TEXT NOT NULL, state TEXT NOT NULL, round INTEGER NOT NULL,
@@ -27,12 +30,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT, output_dir TEXT
 );
 CREATE TABLE IF NOT EXISTS tokens (
-    hash TEXT PRIMARY KEY, job_id TEXT NOT NULL, label TEXT NOT NULL, created_at REAL NOT NULL
+    hash TEXT PRIMARY KEY, job_id TEXT NOT NULL, label TEXT NOT NULL, created_at REAL NOT NULL,
+    party TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS rounds (
     job_id TEXT NOT NULL, round INTEGER NOT NULL, state TEXT NOT NULL,
     s0 REAL NOT NULL, accepted INTEGER NOT NULL, s1_file TEXT, sigmas TEXT NOT NULL,
-    started_at REAL NOT NULL, finished_at REAL, PRIMARY KEY (job_id, round)
+    started_at REAL NOT NULL, finished_at REAL, taus TEXT NOT NULL DEFAULT '{}', PRIMARY KEY (job_id, round)
 );
 CREATE TABLE IF NOT EXISTS copies (
     job_id TEXT NOT NULL, round INTEGER NOT NULL, k INTEGER NOT NULL, state TEXT NOT NULL,
@@ -70,6 +74,7 @@ class Round:
     sigmas: dict[str, float]
     started_at: float
     finished_at: float | None
+    taus: dict[str, float]  # jitter τ_ℓ per layer group ({} in a round stored before τ_ℓ was kept)
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,11 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        for table, columns in ADDED_COLUMNS.items():
+            have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for name, definition in columns.items():
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
         for companion in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
             if companion.exists():  # made by an older version, or under another umask
                 companion.chmod(0o600)
@@ -159,13 +169,14 @@ class Store:
         return {r["hash"]: r["label"] for r in rows}
 
     # rounds and copies
-    def open_round(self, job_id: str, round_: int, m: int, sigmas: dict[str, float]) -> None:
+    def open_round(self, job_id: str, round_: int, m: int, sigmas: dict[str, float], taus: dict[str, float]) -> None:
         """Insert round `round_` with m pending copies and make it the job's current round."""
         now = time.time()
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO rounds VALUES (?, ?, 'open', 0.0, 0, NULL, ?, ?, NULL)",
-                (job_id, round_, json.dumps(sigmas), now),
+                "INSERT INTO rounds (job_id, round, state, s0, accepted, s1_file, sigmas, started_at, finished_at, taus) "
+                "VALUES (?, ?, 'open', 0.0, 0, NULL, ?, ?, NULL, ?)",
+                (job_id, round_, json.dumps(sigmas), now, json.dumps(taus)),
             )
             db.executemany(
                 "INSERT INTO copies (job_id, round, k, state) VALUES (?, ?, ?, 'pending')",
@@ -310,7 +321,7 @@ def _job(row: sqlite3.Row) -> Job:
 
 
 def _round(row: sqlite3.Row) -> Round:
-    return Round(**{**dict(row), "sigmas": json.loads(row["sigmas"])})
+    return Round(**{**dict(row), "sigmas": json.loads(row["sigmas"]), "taus": json.loads(row["taus"])})
 
 
 def _lease(row: sqlite3.Row) -> Lease:

@@ -133,3 +133,63 @@ def test_a_base_with_other_tensors_is_refused(server, tiny_model_dir, tmp_path):
     assert response.status_code == 400
     detail = response.json()["detail"]
     assert "model.layers.2" in detail and "not in the model" in detail
+
+
+def test_reference_follows_the_published_copies_not_the_secret_center(server, tiny_model_dir, tmp_path):
+    # With jitter, Σ_k w_k·copy_k / S0 = θ̃ + τ·Σ_k w_k ξ_k / S0 ≠ θ̃: θ_ref must be built from the
+    # former (released), or the next round's center depends on the secret θ̃ of this one and its
+    # sensitivity exceeds the 2·C_ℓ·γ^(r−1) the accountant uses.
+    base = tiny(tmp_path / "base", seed=1)
+    pum = {"copies_m": 3, "rounds_R": 3, "base_model": str(base), "center_clip_C_per_layer": 0.5,
+           "center_clip_C_global": 0.8, "theta_ref_beta": 0.6, "center_clip_round_gamma": 1.5, "sigma": 0.01,
+           "jitter_tau": 0.02}
+    job = server.create_job(tiny_model_dir, pum)
+    files = server.service._files(job)
+    theta = load_file(tiny_model_dir / "model.safetensors")
+    reference = {n: t.double() for n, t in load_file(base / "model.safetensors").items()}
+    thresholds = {"layer.0": 0.5, "layer.1": 0.5, "global": 0.8}
+    zero = {n: torch.zeros(t.shape) for n, t in theta.items()}
+    for round_ in (1, 2):
+        released, worker, leases = published_center(server, job, round_)
+        for lease in leases.values():
+            assert worker.put(f"/v1/work/leases/{lease}/delta", content=save(zero)).status_code == 200
+        reference = {n: 0.6 * reference[n] + 0.4 * released[n] for n in theta}  # from downloaded bytes only
+        assert_close_dicts(load_file(files.theta_ref(round_ + 1)), reference, atol=1e-5)
+        center = load_file(files.center(round_ + 1))  # the next center is clipped around it
+        assert_close_dicts(center, by_hand_center(theta, reference, {g: c * 1.5**round_ for g, c in thresholds.items()}),
+                           atol=1e-5)
+
+
+def test_neighbouring_models_with_one_release_history_stay_within_the_sensitivity(server, tiny_model_dir, tmp_path):
+    # A and B = θ_base + 3·(θ_A − θ_base) clip to the same round-1 center, so both jobs (one key, one
+    # noise) publish the same round 1 and get the same released θ_ref: the coupling in which the
+    # accountant's per-round sensitivity 2·C_ℓ·γ^(r−1) is meant. The same uploads then move both
+    # models, and round 2's centers differ, by no more than that sensitivity.
+    base = tiny(tmp_path / "base", seed=1)
+    theta_a = load_file(tiny_model_dir / "model.safetensors")
+    base_weights = load_file(base / "model.safetensors")
+    model_b = tiny(tmp_path / "b", seed=0)
+    from safetensors.torch import save_file
+    save_file({n: base_weights[n] + 3 * (t - base_weights[n]) for n, t in theta_a.items()},
+              model_b / "model.safetensors", metadata={"format": "pt"})
+    pum = {"copies_m": 3, "rounds_R": 2, "base_model": str(base), "center_clip_C_per_layer": 0.5,
+           "center_clip_C_global": 0.8, "theta_ref_beta": 0.9, "center_clip_round_gamma": 1.3, "sigma": 0.01,
+           "jitter_tau": 0.02}
+    jobs = [server.create_job(tiny_model_dir, pum), server.create_job(model_b, pum)]
+    step = {n: 0.3 * torch.randn(t.shape, generator=torch.Generator().manual_seed(9)) for n, t in theta_a.items()}
+    centers = {}
+    for round_ in (1, 2):
+        centers[round_] = [load_file(server.service._files(job).center(round_)) for job in jobs]
+        if round_ == 1:
+            for job in jobs:
+                worker = server.worker(server.token(job))
+                for _ in range(3):
+                    lease = worker.post("/v1/work/lease").json()["lease_id"]
+                    worker.get(f"/v1/work/leases/{lease}/copy")
+                    assert worker.put(f"/v1/work/leases/{lease}/delta", content=save(step)).status_code == 200
+    a, b = centers[1]
+    assert_close_dicts(a, b, atol=1e-6)  # one release history
+    a, b = centers[2]
+    for group, c in {"layer.0": 0.5, "layer.1": 0.5, "global": 0.8}.items():
+        distance = math.sqrt(sum((a[n].double() - b[n].double()).pow(2).sum().item() for n in a if layer_group(n) == group))
+        assert 0 < distance <= 2 * c * 1.3 + 1e-6, group

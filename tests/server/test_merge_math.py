@@ -112,4 +112,4 @@ def test_a_job_without_noise_publishes_theta_and_merges(server, tiny_model_dir):
         torch.testing.assert_close(merged[name], before + 0.01, rtol=0, atol=1e-6)
     report = server.admin.get(f"/v1/jobs/{job}/privacy")
     assert report.status_code == 200 and not report.json()["meaningful"]
-    assert any("without Gaussian noise" in w for w in report.json()["warnings"])
+    assert any("without Gaussian noise" in w for w in report.json()["no_epsilon_reasons"])
