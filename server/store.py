@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -237,7 +238,8 @@ class Store:
         self, lease_id: str, job_id: str, round_: int, token_hash: str, clock: Callable[[], float], ttl: float,
         cap: int | None,
     ) -> Lease | None:
-        """Lease the lowest pending copy of the round to `token_hash`, or None if none is free.
+        """Lease a uniformly random pending copy of the round (drawn with `secrets`: the order of
+        the leases says nothing about the copy index k) to `token_hash`, or None if none is free.
 
         `cap` limits how many distinct copies of one round a token may ever receive. The clock is
         read inside the transaction, so a lease granted after waiting for the lock gets its full TTL.
@@ -251,13 +253,12 @@ class Store:
                 ).fetchone()[0]
                 if held >= cap:
                     return None
-            row = db.execute(
-                "SELECT k FROM copies WHERE job_id = ? AND round = ? AND state = 'pending' ORDER BY k LIMIT 1",
-                (job_id, round_),
-            ).fetchone()
-            if row is None:
+            pending = [r["k"] for r in db.execute(
+                "SELECT k FROM copies WHERE job_id = ? AND round = ? AND state = 'pending'", (job_id, round_),
+            )]
+            if not pending:
                 return None
-            k = row["k"]
+            k = secrets.choice(pending)
             db.execute(
                 "UPDATE copies SET state = 'leased', lease_id = ?, leases = leases + 1, leased_at = ? "
                 "WHERE job_id = ? AND round = ? AND k = ?",
