@@ -42,6 +42,8 @@ class JobCreate(BaseModel):
 
 class TokenCreate(BaseModel):
     label: str = Field("worker", max_length=100, description="a name for the worker, shown in logs")
+    party: str = Field("", max_length=100, description="the data owner the token belongs to; tokens of one party "
+                       "are one adversary in the privacy report (default: every token is the job's one data owner)")
 
 
 class Release(BaseModel):
@@ -117,11 +119,12 @@ def create_app(settings: ServerSettings, service: JobService | None = None) -> F
     @app.post("/v1/jobs/{job_id}/tokens", status_code=201, dependencies=[AdminOnly])
     def issue_token(job_id: str, body: TokenCreate, service: Service) -> dict:
         """A new worker token for the job; it is shown only in this response."""
-        return {"token": service.issue_token(job_id, body.label), "label": body.label, "job_id": job_id}
+        token = service.issue_token(job_id, body.label, body.party)
+        return {"token": token, "label": body.label, "party": body.party, "job_id": job_id}
 
     @app.get("/v1/jobs/{job_id}/privacy", dependencies=[AdminOnly])
     def privacy(job_id: str, service: Service) -> dict:
-        """The privacy report: seed-formula (ε, δ), the true (ε, δ) of the release, per coalition, σ_ℓ, τ, warnings."""
+        """The privacy report over all R rounds: headline true ε against the largest party, the seed formula's ε, σ_ℓ, τ_ℓ, reasons, warnings."""
         return service.privacy(job_id)
 
     @app.get("/v1/jobs/{job_id}/model", dependencies=[AdminOnly])

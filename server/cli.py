@@ -21,7 +21,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--tls-key", help="private key file for --tls-cert")
     parser.set_defaults(run=run)
 
-    audit = subparsers.add_parser("audit", help="operator check: recover a round's center from its copies")
+    audit = subparsers.add_parser("audit", help="operator check: the strongest attacks on the current round's copies")
     audit.add_argument("job_id", nargs="?", help="the job's id (its current round is audited)")
     audit.add_argument("--job", dest="job_flag", help="deprecated: give the job id as JOB_ID instead")
     audit.add_argument("--state-dir", default="state", help="the server's state folder")
@@ -30,13 +30,14 @@ def add_parser(subparsers) -> None:
 
 
 def add_privacy_parser(subparsers) -> None:
-    privacy = subparsers.add_parser("privacy", help="the privacy report a job file would get (ε of the formula and of the release)")
+    privacy = subparsers.add_parser("privacy", help="the privacy report a job file would get, over all its R rounds (JSON)")
     privacy.add_argument("job_file", help="job YAML: task, model_dir, pum settings")
     privacy.set_defaults(run=run_privacy)
 
 
 def run_privacy(args: argparse.Namespace) -> int:
-    """Create the job on a throw-away state folder, open its first round, print its report."""
+    """Create the job on a throw-away state folder, open its first round, print the report of all R rounds
+    (strict JSON: an infinite ε is "inf", never Infinity)."""
     import json
     import tempfile
     from pathlib import Path
@@ -58,7 +59,7 @@ def run_privacy(args: argparse.Namespace) -> int:
         service.start(job.id)
         report = service.privacy(job.id)
         service.store.close()
-    print(json.dumps({k: v for k, v in report.items() if k not in ("job", "state")}, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("job", "state")}, indent=2, allow_nan=False))
     return 0
 
 
@@ -76,7 +77,7 @@ def run_audit(args: argparse.Namespace) -> int:
     if not job_id:
         raise InvalidInput("give the job id: pum audit JOB_ID")
     report = audit_round(Path(args.state_dir), job_id, args.coords)
-    print(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2, allow_nan=False))
     return 0
 
 

@@ -120,10 +120,12 @@ class JobService:
             self._export(job, job.round)
         return self.store.job(job_id)
 
-    def issue_token(self, job_id: str, label: str) -> str:
+    def issue_token(self, job_id: str, label: str, party: str = "") -> str:
+        """A worker token; `party` names the data owner it belongs to ("" = the job's one data owner).
+        The privacy report takes every token of one party as one adversary."""
         self._job(job_id)
         token = "pumw_" + secrets.token_urlsafe(32)
-        self.store.insert_token(hash_token(token), job_id, label)
+        self.store.insert_token(hash_token(token), job_id, label, party)
         return token
 
     def status(self, job_id: str) -> dict:
@@ -149,7 +151,7 @@ class JobService:
     def privacy(self, job_id: str) -> dict:
         """The privacy report of the job's released rounds (DESIGN.md §5)."""
         job = self._job(job_id)
-        return privacy_of(job, self.store, self._key(job_id), self.store.largest_coalition(job_id))
+        return privacy_of(job, self.store, self._key(job_id))
 
     def jobs(self) -> list[Job]:
         return self.store.jobs()

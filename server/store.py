@@ -155,9 +155,18 @@ class Store:
             db.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*fields.values(), job_id))
 
     # tokens
-    def insert_token(self, token_hash: str, job_id: str, label: str) -> None:
+    def insert_token(self, token_hash: str, job_id: str, label: str, party: str = "") -> None:
+        """`party`: the data owner the token belongs to ("" = the job's one data owner)."""
         with self.transaction() as db:
-            db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?)", (token_hash, job_id, label, time.time()))
+            db.execute("INSERT INTO tokens (hash, job_id, label, created_at, party) VALUES (?, ?, ?, ?, ?)",
+                       (token_hash, job_id, label, time.time(), party))
+
+    def token_parties(self, job_id: str) -> dict[str, int]:
+        """Party → number of the job's tokens in it."""
+        with self._lock:
+            rows = self._db.execute("SELECT party, COUNT(*) AS n FROM tokens WHERE job_id = ? GROUP BY party",
+                                    (job_id,)).fetchall()
+        return {r["party"]: r["n"] for r in rows}
 
     def token_job(self, token_hash: str) -> str | None:
         with self._lock:
@@ -212,12 +221,12 @@ class Store:
         return [dict(r) for r in rows]
 
     # leases
-    def largest_coalition(self, job_id: str) -> int | None:
-        """The most distinct copies of one round that one worker token was ever leased (None: no lease yet)."""
+    def largest_party_leases(self, job_id: str) -> int | None:
+        """The most distinct copies of one round that the tokens of one party were leased (None: no lease yet)."""
         with self._lock:
             row = self._db.execute(
-                "SELECT MAX(n) FROM (SELECT COUNT(DISTINCT k) AS n FROM leases WHERE job_id = ? "
-                "GROUP BY round, token_hash)", (job_id,),
+                "SELECT MAX(n) FROM (SELECT COUNT(DISTINCT l.k) AS n FROM leases l JOIN tokens t ON t.hash = l.token_hash "
+                "WHERE l.job_id = ? GROUP BY l.round, t.party)", (job_id,),
             ).fetchone()
         return row[0]
 
