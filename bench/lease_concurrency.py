@@ -103,7 +103,7 @@ def worker(url: str, token: str, delta: bytes, args: argparse.Namespace, timings
 def run(args: argparse.Namespace, tmp: Path) -> dict:
     model_dir = tiny_model(tmp / "model")
     delta = fixed_delta(model_dir)
-    server = LocalServer(tmp / "state", tmp / "saves", lease_ttl_s=args.ttl, log_path=tmp / "server.log")
+    server = LocalServer(tmp / "state", tmp / "saves", lease_ttl_s=args.ttl, log_path=tmp / "server.log", dev=True)
     timings, errors = Timings(), []
     with server, httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.admin_token}"},
                               timeout=60.0) as admin:

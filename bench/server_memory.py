@@ -91,7 +91,8 @@ def run_round(m: int, workers: int, model_dir: Path, delta: Path, tmp: Path) -> 
     """One fresh server, one job of one round with m copies; the server's RSS and the round's time."""
     run_dir = tmp / f"m{m}"
     run_dir.mkdir()
-    server = LocalServer(run_dir / "state", run_dir / "saves", lease_ttl_s=600.0, log_path=run_dir / "server.log")
+    server = LocalServer(run_dir / "state", run_dir / "saves", lease_ttl_s=600.0, log_path=run_dir / "server.log",
+                         dev=True)
     with server:
         pid = server.process.pid
         idle_kb = proc_status_kb(pid, "VmRSS")

@@ -294,7 +294,8 @@ class Bench:
             (self.out / "logs").mkdir(parents=True, exist_ok=True)
             self.server = LocalServer(state_dir=root / "state", saves_dir=root / "saves",
                                       admin_token=secrets.token_urlsafe(24), lease_ttl_s=120.0,
-                                      log_path=self.out / "logs" / "server.log")
+                                      log_path=self.out / "logs" / "server.log",
+                                      dev=self.args.pum_seed is not None)  # a seeded job needs --dev
             self.server.start()
             log.info("PUM server on %s (log: %s)", self.server.url, self.out / "logs" / "server.log")
         return self.server

@@ -48,6 +48,7 @@ class LocalServer:
     lease_ttl_s: float = 60.0
     log_path: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    dev: bool = False  # --dev: development mode, needed for seeded (reproducible, insecure) jobs
     port: int = 0
     process: subprocess.Popen | None = None
 
@@ -61,7 +62,7 @@ class LocalServer:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
             [*PUM, "server", "--state-dir", str(self.state_dir), "--saves-dir", str(self.saves_dir),
-             "--port", str(self.port), "--lease-ttl", str(self.lease_ttl_s)],
+             "--port", str(self.port), "--lease-ttl", str(self.lease_ttl_s), *(["--dev"] if self.dev else [])],
             env=env, stdout=log, stderr=subprocess.STDOUT,
         )
         wait_healthy(self.url, self.process)

@@ -62,6 +62,11 @@ class JobService:
             raise InvalidInput(f"task {task!r} must be 1–100 letters, digits, '.', '_' or '-' (it names a folder)")
         pum, hyperparams = canonical_job(pum, hyperparams)  # open-unlearning's names → PUM's
         settings = PumSettings.from_spec(pum)
+        if settings.seed is not None and not self.settings.dev_mode:
+            raise InvalidInput(
+                "seed is refused on this server: a seeded job's α, noise seeds and transforms follow from the seed, "
+                "so a worker can regenerate the noise and strip it from its copy; remove seed (or start the server "
+                "with --dev, for tests only)")
         source = resolve_local(model_dir, "model_dir")  # a folder, or a Hugging Face id in the local cache
         job_id = "job-" + secrets.token_hex(6)
         files = self._files(job_id)

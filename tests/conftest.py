@@ -114,9 +114,11 @@ class Server:
 
 
 def make_server(tmp_path: Path, clock: FakeClock | None = None, **overrides) -> Server:
-    settings = ServerSettings(
-        state_dir=tmp_path / "state", saves_dir=tmp_path / "saves", admin_token=ADMIN, lease_ttl_s=30.0, **overrides
-    )
+    """A server with an admin token in development mode (jobs are seeded, which only --dev allows)."""
+    settings = ServerSettings(**{
+        "state_dir": tmp_path / "state", "saves_dir": tmp_path / "saves", "admin_token": ADMIN, "lease_ttl_s": 30.0,
+        "dev_mode": True, **overrides,
+    })
     clock = clock or FakeClock()
     service = JobService(Store(settings.state_dir / "state.db"), settings, clock=clock)
     admin = TestClient(create_app(settings, service), headers={"Authorization": f"Bearer {ADMIN}"})

@@ -54,7 +54,7 @@ def model_dir(tmp_path_factory):
 
 
 def run_uninterrupted(tmp_path, model_dir) -> bytes:
-    with LocalServer(tmp_path / "a" / "state", tmp_path / "a" / "saves") as server, \
+    with LocalServer(tmp_path / "a" / "state", tmp_path / "a" / "saves", dev=True) as server, \
             http_client(server.url, server.admin_token) as http:
         admin = AdminAPI(http)
         job, token = create(admin, model_dir)
@@ -71,7 +71,7 @@ def test_server_killed_mid_round_recovers_bit_for_bit(tmp_path, model_dir):
     expected = run_uninterrupted(tmp_path, model_dir)
 
     state, saves = tmp_path / "b" / "state", tmp_path / "b" / "saves"
-    server = LocalServer(state, saves, log_path=tmp_path / "server.log").start()
+    server = LocalServer(state, saves, log_path=tmp_path / "server.log", dev=True).start()
     try:
         with http_client(server.url, server.admin_token) as http:
             job, token = create(AdminAPI(http), model_dir)
@@ -98,7 +98,7 @@ def test_server_killed_mid_round_recovers_bit_for_bit(tmp_path, model_dir):
         uploader.join(60)
         assert isinstance(outcome["r"], httpx.TransportError)
 
-        restarted = LocalServer(state, saves, port=server.port, log_path=tmp_path / "server.log").start()
+        restarted = LocalServer(state, saves, port=server.port, log_path=tmp_path / "server.log", dev=True).start()
         try:
             with http_client(restarted.url, restarted.admin_token) as http:
                 admin = AdminAPI(http)

@@ -62,9 +62,10 @@ def wait_ready(ping: Callable[[], bool], process: subprocess.Popen, log_path: Pa
 
 def start_server_process(
     root: Path, *, lease_ttl_s: float = 30.0, log_level: str = "INFO", tls: tuple[Path, Path] | None = None,
-    ca_file: Path | None = None,
+    ca_file: Path | None = None, dev: bool = False,
 ) -> ServerProcess:
-    """`python -m pum.cli --log-level LEVEL server …` on a free loopback port, ready when /healthz answers."""
+    """`python -m pum.cli --log-level LEVEL server …` on a free loopback port, ready when /healthz answers.
+    `dev`: development mode (the admin token is still required), for seeded jobs."""
     port = free_port()
     scheme = "https" if tls else "http"
     url = f"{scheme}://127.0.0.1:{port}"
@@ -73,6 +74,8 @@ def start_server_process(
             "--saves-dir", str(saves_dir), "--host", "127.0.0.1", "--port", str(port), "--lease-ttl", str(lease_ttl_s)]
     if tls:
         args += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
+    if dev:
+        args.append("--dev")
     env = {**os.environ, "PUM_ADMIN_TOKEN": ADMIN_TOKEN, "OMP_NUM_THREADS": "1"}
     with log_path.open("ab") as log:
         process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -127,7 +127,8 @@ class Monitor(threading.Thread):
 
 def test_64_workers_lease_heartbeat_upload_concurrently(tmp_path, tiny_model_dir, state_db):
     started = time.monotonic()
-    server = LocalServer(tmp_path / "state", tmp_path / "saves", lease_ttl_s=TTL_S, log_path=tmp_path / "server.log")
+    server = LocalServer(tmp_path / "state", tmp_path / "saves", lease_ttl_s=TTL_S, log_path=tmp_path / "server.log",
+                         dev=True)  # a seeded job
     with server, http_client(server.url, server.admin_token, timeout=60) as admin:
         body = {"task": "concurrency", "model_dir": str(tiny_model_dir), "hyperparams": {},
                 "pum": {"copies_m": M, "rounds_R": ROUNDS, "eta_srv": ETA, "seed": SEED, "noise_kappa": 0.02}}

@@ -439,7 +439,7 @@ def test_no_secret_reaches_a_worker_or_a_log(server, tiny_model_dir, caplog, tau
 def test_no_secret_on_the_wire_or_in_the_log_of_a_real_server(server_process, tiny_model_dir, state_db):
     """The same job against `pum --log-level DEBUG server` on 127.0.0.1: uvicorn's own logs too."""
     ttl = 2.5
-    srv = server_process(lease_ttl_s=ttl, log_level="DEBUG")
+    srv = server_process(lease_ttl_s=ttl, log_level="DEBUG", dev=True)  # a seeded job
     with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {srv.admin_token}"}, timeout=30) as admin:
         body = {"task": "secrets", "model_dir": str(tiny_model_dir), "hyperparams": {"lr": 1e-3},
                 "pum": {"seed": SEED, "copies_m": M, "rounds_R": ROUNDS, "jitter_tau": 1e-3, "noise_kappa": 0.05}}
