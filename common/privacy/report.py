@@ -28,6 +28,7 @@ from typing import Any, Literal
 from pum.common.privacy.calibration import epsilon_for, s_alpha
 from pum.common.privacy.release import copy_covariance, ones_precision, round_mu_squared, true_epsilon, \
     worst_subset_mu_squared
+from pum.common.privacy.target import SEED_FORMULA_METHOD, TRUE_RELEASE_METHOD
 from pum.common.settings import PumSettings
 
 __all__ = ["Coalition", "CoalitionGuarantee", "Guarantee", "PrivacyReport", "RoundRelease", "SeedFormula",
@@ -183,8 +184,7 @@ def _small_tau(settings: PumSettings, rnd: RoundRelease, s: float) -> bool:
 
 
 def privacy_report(settings: PumSettings, rounds: Sequence[RoundRelease], coalition: Coalition,
-                   group_sizes: Mapping[str, int] | None = None, has_public_base: bool = True,
-                   calibration: str | None = None) -> PrivacyReport:
+                   group_sizes: Mapping[str, int] | None = None, has_public_base: bool = True) -> PrivacyReport:
     """The report of a job over `rounds` (opened and planned); `coalition` says what one party may hold."""
     m, delta, structure = settings.copies_m, settings.dp_delta, settings.noise_structure
     reasons = _no_epsilon_reasons(settings, rounds, has_public_base)
@@ -227,7 +227,8 @@ def privacy_report(settings: PumSettings, rounds: Sequence[RoundRelease], coalit
                  f"{len(rounds)} rounds), exact conversion",
         meaningful=meaningful, rounds=len(rounds), rounds_opened=sum(r.opened for r in rounds), copies_m=m,
         noise_structure=structure, noise_mode=settings.noise_mode, dp_target=settings.dp_target if dp else None,
-        calibration=calibration if dp else None, seed_formula=seed, true_release=release, largest_coalition=largest,
+        calibration=(TRUE_RELEASE_METHOD if settings.dp_target == "true_release" else SEED_FORMULA_METHOD)
+        if dp else None, seed_formula=seed, true_release=release, largest_coalition=largest,
         sigmas=[dict(r.sigmas) for r in rounds], taus=[dict(r.taus) for r in rounds],
         sensitivities=[{g: (2.0 * c if c is not None else None) for g, c in (r.clip_norms or {}).items()}
                        for r in rounds],

@@ -38,6 +38,7 @@ TABLE = [
     ("dp_sensitivity_total_l2", "DP_SENS_TOTAL_L2", "1.5", 1.5),
     ("dp_use_worstcase_alpha", "DP_USE_WORSTCASE_ALPHA", "0", False),
     ("dp_alpha_policy", "DP_ALPHA_POLICY", "realized", "realized"),
+    ("dp_target", "DP_TARGET", "seed_formula", "seed_formula"),
     ("dp_conversion", "DP_CONVERSION", "exact", "exact"),
     ("sigma", "PUM_SIGMA", "0.001", 0.001),
     ("sigma_per_layer", "PUM_SIGMA_PER_LAYER", "0.1", [0.1]),

@@ -55,7 +55,7 @@ def test_headline_is_the_true_epsilon_of_every_copy_with_the_formula_beside_it()
     for alphas in ALPHAS:
         noise = calibrate_round(settings, SIZES, CLIPS, alphas)
         rounds.append(RoundRelease(alphas, noise.sigmas, noise.taus, CLIPS))
-    report = privacy_report(settings, rounds, EVERY, SIZES, True, noise.method)
+    report = privacy_report(settings, rounds, EVERY, SIZES, True)
     assert 3.9 <= report.epsilon <= 4.0 and report.epsilon == report.true_release.epsilon
     assert "independent" in report.seed_formula.assumes and report.seed_formula.epsilon == pytest.approx(4.0)
     assert report.dp_target == "true_release" and report.calibration == noise.method
