@@ -21,7 +21,7 @@ from pum.common.reparam import adapter_for
 from pum.common.settings import PumSettings
 
 from .model_io import ingest_model, ingest_weights
-from .rounds import JobFiles, dp_noise, group_sizes, write_secret
+from .rounds import JobFiles, dp_noise, group_sizes, manual_per_layer_sigmas, write_secret
 
 
 def create_job_files(files: JobFiles, source: Path, settings: PumSettings) -> dict:
@@ -49,6 +49,8 @@ def create_job_files(files: JobFiles, source: Path, settings: PumSettings) -> di
     if settings.noise_mode == "dp":  # an impossible calibration is refused now, not at the start
         check_dp_clipping(clip_norms, groups)
         dp_noise(sizes, key, settings, clip_norms, 1)
+    if settings.noise_mode == "manual_per_layer":  # likewise a σ list that does not fit the model
+        manual_per_layer_sigmas(settings.sigma_per_layer, groups)
     return {"dtypes": dtypes, "clip_norms": clip_norms, "has_base": files.base.exists(), "group_sizes": sizes}
 
 

@@ -25,6 +25,7 @@ import torch
 from pum.common.aggregate import accumulate_delta, apply_update, harmonic_weight, sum_of_squares
 from pum.common.center import write_center, write_reference_ema
 from pum.common.codec import DTYPES, SafetensorsFile, TensorInfo, save_file_atomic, stream_safetensors_from
+from pum.common.errors import InvalidInput
 from pum.common.layers import group_names, layer_group
 from pum.common.noise import CopyNoise, draw_alphas, harmonic_noise, mean_base_noise, relative_sigmas
 from pum.common.reparam import CopyTransform, adapter_for
@@ -164,10 +165,10 @@ def manual_per_layer_sigmas(values, groups: list[str]) -> dict[str, float]:
     if isinstance(values, dict):
         missing = sorted(set(groups) - set(values))
         if missing:
-            raise ValueError(f"sigma_per_layer has no value for {missing}: give one per group ({groups})")
+            raise InvalidInput(f"sigma_per_layer has no value for {missing}: give one per group ({groups})")
         return {g: float(values[g]) for g in groups}
     if len(values) != len(layers):
-        raise ValueError(f"sigma_per_layer has {len(values)} values; the model has {len(layers)} layers")
+        raise InvalidInput(f"sigma_per_layer has {len(values)} values; the model has {len(layers)} layers")
     sigmas = dict(zip(layers, map(float, values)))
     if "global" in groups:
         sigmas["global"] = sum(values) / len(values)

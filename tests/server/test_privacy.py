@@ -105,6 +105,9 @@ def test_missing_global_clip_norm_refuses_dp_and_never_answers_500(server, tiny_
             "pum": {"dp_epsilon": 4.0, "base_model": str(base_dir), "center_clip_C_per_layer": C}}
     response = server.admin.post("/v1/jobs", json=body)
     assert response.status_code == 400 and "center_clip_C_global" in response.json()["detail"]
+    body["pum"] = {"sigma_per_layer": [0.1]}  # two layers: refused now, not at the start or in the report
+    response = server.admin.post("/v1/jobs", json=body)
+    assert response.status_code == 400 and "sigma_per_layer has 1 values" in response.json()["detail"]
     job = server.create_job(tiny_model_dir, {"sigma": 0.1, "jitter_tau": 0.1, "base_model": str(base_dir),
                                              "center_clip_C_per_layer": C})
     response = server.admin.get(f"/v1/jobs/{job}/privacy")
@@ -172,3 +175,25 @@ def test_leases_grant_a_uniformly_random_pending_copy(server, tiny_model_dir):
         assert worker.post(f"/v1/work/leases/{lease}/release", json={"reason": "again"}).status_code == 200
     counts = np.bincount(first, minlength=4)
     assert counts.min() >= 2 and counts.max() <= 34, counts  # 16 expected each; the lowest-k rule gives [64, 0, 0, 0]
+
+
+@pytest.mark.parametrize("pum", [
+    {},  # relative noise, no clipping
+    {"noise_kappa": 0.0},
+    {"sigma": 0.1, "center_clip_C_per_layer": C},  # an unclipped global group
+    {"sigma_per_layer": [0.1, 0.2], "jitter_tau": 0.1, "center_clip_C_per_layer": C, "center_clip_C_global": C},
+    {"sigma": 0.1, "noise_structure": "independent", "per_token_copy_cap": 1},
+    {"dp_epsilon": 1.0, "dp_target": "seed_formula", "center_clip_C_per_layer": C, "center_clip_C_global": C},
+    {"dp_epsilon": 8.0, "dp_conversion": "exact", "dp_alpha_policy": "expected", "center_clip_C_per_layer": C,
+     "center_clip_C_global": C, "use_orthogonal_reparam": True},
+])
+@pytest.mark.parametrize("state", ["created", "running", "aborted"])
+def test_the_privacy_endpoint_answers_strict_json_for_any_job(server, tiny_model_dir, base_dir, pum, state):
+    job = server.create_job(tiny_model_dir, {"base_model": str(base_dir), **pum}, start=state != "created")
+    if state == "aborted":
+        server.admin.post(f"/v1/jobs/{job}/abort")
+    response = server.admin.get(f"/v1/jobs/{job}/privacy")
+    assert response.status_code == 200, response.text
+    report = strict_json(response.text)
+    assert report["meaningful"] == (report["epsilon"] is not None)
+    assert report["meaningful"] or report["no_epsilon_reasons"]
