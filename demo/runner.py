@@ -37,6 +37,7 @@ class DemoOptions:
     copies_m: int = 4
     rounds_R: int = 2
     noise_kappa: float = 0.01  # relative noise: σ_ℓ = κ·RMS(θ_ℓ)
+    jitter_tau: float = 0.0  # std τ of the independent per-copy jitter (it does not cancel in the merge)
     epochs: float = 5.0  # the baseline's budget; PUM copies run epochs/R per round (auto-balancing)
     lr: float = 1e-4  # forget P 0.95 → ~0.6 in 5 epochs with retain P kept ~0.97; 2e-4 starts to hurt retain
     batch_size: int = 32
@@ -45,6 +46,12 @@ class DemoOptions:
     retain_split: str = "retain90"
     eval_retain_pairs: int = 400  # retain pairs scored (a spread sample), to keep evaluation short
     seed: int = 0
+    # DP instead of relative noise: σ_ℓ (and with dp_target true_release the jitter τ_ℓ) calibrated to
+    # (dp_epsilon, 1e-5) over the rounds, center clipped around the model's random initialisation (its
+    # public base) with C_ℓ = the fine-tuned model's own distance to it, so nothing is clipped and the
+    # run measures what the noise costs (C_ℓ read from the private model: a measurement, not a guarantee).
+    dp_epsilon: float | None = None
+    dp_target: str | None = None  # true_release | seed_formula (None: the server's default)
     # torch threads in this process (the workers take one each). One thread: with any other busy
     # process on the machine, two OpenMP threads per process make a step 10–40× slower (CPU-NOTES.md).
     threads: int = 1
@@ -83,8 +90,9 @@ def run_pum(assets: DemoAssets, options: DemoOptions) -> tuple[Path, float]:
     with server, http_client(server.url, server.admin_token) as http:
         admin = AdminAPI(http)
         pum = {
-            "copies_m": options.copies_m, "rounds_R": options.rounds_R, "noise_kappa": options.noise_kappa,
-            "inner_handler": options.method, "local_epochs": options.epochs,
+            "copies_m": options.copies_m, "rounds_R": options.rounds_R, "inner_handler": options.method,
+            "local_epochs": options.epochs, "jitter_tau": options.jitter_tau,
+            **(dp_settings(assets, options, out) if options.dp_epsilon else {"noise_kappa": options.noise_kappa}),
         }
         hyperparams = {"lr": options.lr, "batch_size": options.batch_size, "seed": options.seed}
         job = admin.create_job("demo_" + options.forget_split, str(assets.model_dir), pum, hyperparams)["id"]
@@ -97,10 +105,11 @@ def run_pum(assets: DemoAssets, options: DemoOptions) -> tuple[Path, float]:
         ]
         try:
             admin.action(job, "start")
-            status = admin.wait(job, timeout_s=1800)
+            status = wait_while_workers_live(admin, job, workers, out / "logs")
             if status["state"] != "finalized":
                 raise RuntimeError(f"PUM job ended {status['state']}: {status.get('error')}; see {out / 'logs'}")
             model_dir = admin.download_model(job, out / "pum_model")
+            (out / "privacy.json").write_text(http.get(f"/v1/jobs/{job}/privacy").text)
         finally:
             for worker in workers:
                 try:
@@ -108,6 +117,38 @@ def run_pum(assets: DemoAssets, options: DemoOptions) -> tuple[Path, float]:
                 except Exception:
                     worker.kill()
     return model_dir, time.perf_counter() - started
+
+
+def wait_while_workers_live(admin: AdminAPI, job: str, workers, logs: Path, timeout_s: float = 1800.0) -> dict:
+    """The job's final status; RuntimeError as soon as every worker has exited with the job unfinished."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return admin.wait(job, timeout_s=5.0)
+        except TimeoutError:
+            if all(w.poll() is not None for w in workers) or time.monotonic() > deadline:
+                raise RuntimeError(f"PUM job {job} unfinished and every worker stopped (or timed out); see {logs}") \
+                    from None
+
+
+def dp_settings(assets: DemoAssets, options: DemoOptions, out: Path) -> dict:
+    """DP job settings: the random initialisation as public base, C_ℓ = ‖θ_ℓ − θ_base,ℓ‖ (see DemoOptions)."""
+    from transformers import LlamaConfig
+
+    from pum.common.layers import GLOBAL_GROUP, group_names, layer_group
+
+    from .tiny_model import build_model
+
+    base = build_model(LlamaConfig.from_pretrained(assets.model_dir), seed=assets.params["spec"]["init_seed"])
+    base.save_pretrained(out / "base")
+    theta, init = assets.load_model().state_dict(), base.state_dict()
+    sums: dict[str, float] = {}
+    for name, tensor in theta.items():
+        sums[layer_group(name)] = sums.get(layer_group(name), 0.0) + float((tensor - init[name]).double().pow(2).sum())
+    layers = [g for g in group_names(theta) if g != GLOBAL_GROUP]
+    return {"dp_epsilon": options.dp_epsilon, "base_model": str(out / "base"),
+            "center_clip_C_per_layer": [sums[g] ** 0.5 for g in layers], "center_clip_C_global": sums[GLOBAL_GROUP] ** 0.5,
+            **({"dp_target": options.dp_target} if options.dp_target else {})}
 
 
 def run_demo(options: DemoOptions = DemoOptions()) -> dict:
@@ -131,8 +172,11 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
     pum = measure(pum_model, tokenizer, forget, retain_eval)
     timings["total"] = time.perf_counter() - started
 
+    privacy = json.loads((options.out_dir / "privacy.json").read_text())
     summary = {
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
+        "privacy": {k: privacy.get(k) for k in ("epsilon", "unbounded", "no_epsilon_reasons", "sigmas", "taus")}
+        | {"seed_formula_epsilon": privacy["seed_formula"]["epsilon"]},
         "assets": {"model_dir": str(assets.model_dir), "built_now": assets.built},
         "before": before, "baseline": baseline, "pum": pum, "seconds": timings,
         "checks": checks(before, baseline, pum),
@@ -166,5 +210,7 @@ def format_table(summary: dict) -> str:
         f"|retain PUM − retain baseline|       = {c['retain_gap']:.4f} (want ≤ 0.05: {'ok' if c['retain_gap_ok'] else 'NO'})",
         "",
         "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["seconds"].items()),
+        f"privacy: headline ε {summary['privacy']['epsilon']} (seed formula "
+        f"{summary['privacy']['seed_formula_epsilon']}); see {Path(summary['options']['out_dir']) / 'privacy.json'}",
     ]
     return "\n".join(lines)
