@@ -250,6 +250,11 @@ def test_lease_expiring_during_its_merge_is_410_not_500(server, tiny_model_dir, 
     first, second = server.token(job, "slow"), server.token(job, "next")
     slow = TestClient(server.admin.app, headers={"Authorization": f"Bearer {first}"}, raise_server_exceptions=False)
     lease_id = slow.post("/v1/work/lease").json()["lease_id"]
+    # the other copy is merged first, so the slow one's is the only copy left to re-grant (leases are random)
+    helper = server.worker(server.token(job, "helper"))
+    other = helper.post("/v1/work/lease").json()["lease_id"]
+    assert helper.put(f"/v1/work/leases/{other}/delta", content=_tiny_delta(server, job)).status_code == 200
+    before = server.service.store.round(job, 1)
     regranted = {}
     merge = rounds.merge_spooled
 
@@ -265,7 +270,7 @@ def test_lease_expiring_during_its_merge_is_410_not_500(server, tiny_model_dir, 
     assert server.service.store.lease(regranted["lease_id"]).k == server.service.store.lease(lease_id).k
     assert response.status_code == 410, (response.status_code, response.text)
     rnd = server.service.store.round(job, 1)
-    assert (rnd.accepted, rnd.s1_file) == (0, None)
+    assert (rnd.accepted, rnd.s1_file) == (1, before.s1_file)  # the helper's copy only
 
 
 def test_heartbeat_racing_expiry_does_not_report_success(server, tiny_model_dir, monkeypatch):
