@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -65,14 +65,14 @@ def group_sum_squares(source: SafetensorsFile) -> dict[str, float]:
 def accumulate_delta(
     delta: SafetensorsFile,
     s1_previous: SafetensorsFile | None,
-    out_path: Path,
+    out: Path | BinaryIO,
     weight: float,
     *,
     align: TensorMap | None = None,
     clip_per_layer: float | None = None,
     clip_total: float | None = None,
 ) -> dict[str, float]:
-    """Write S1 + weight·clip(align(Δ)) to `out_path`, one tensor at a time; returns norms.
+    """Write S1 + weight·clip(align(Δ)) to `out` (a path or an open blob), one tensor at a time; returns norms.
 
     `align` inverts the copy's reparameterization (Δ_k = T_k⁻¹(Δ'_k)). The clipping norms are
     taken on the raw delta: the transforms are orthogonal maps and permutations within a
@@ -81,7 +81,7 @@ def accumulate_delta(
     sums = group_sum_squares(delta) if (clip_per_layer or clip_total) else {}
     scales = update_clip_scales(sums, clip_per_layer, clip_total) if sums else {}
     infos = [TensorInfo(i.name, "F32", i.shape) for i in delta.infos]
-    with SafetensorsFileWriter(out_path, infos, private=True) as writer:
+    with SafetensorsFileWriter(out, infos, private=True) as writer:
         for info in delta.infos:
             update = delta.read(info.name).to(torch.float32)
             if align is not None:
@@ -93,12 +93,12 @@ def accumulate_delta(
     return {"delta_norm": norm, "clip_factor_min": min(scales.values(), default=1.0)}
 
 
-def apply_update(theta: SafetensorsFile, s1: SafetensorsFile, s0: float, eta: float, out_path: Path) -> None:
-    """Write θ + η·S1/S0 to `out_path` tensor by tensor (float32)."""
+def apply_update(theta: SafetensorsFile, s1: SafetensorsFile, s0: float, eta: float, out: Path | BinaryIO) -> None:
+    """Write θ + η·S1/S0 to `out` (a path or an open blob) tensor by tensor (float32)."""
     if s0 <= 0:
         raise ValueError(f"S0 must be positive (got {s0}): no copy was merged")
     infos = [TensorInfo(i.name, "F32", i.shape) for i in theta.infos]
-    with SafetensorsFileWriter(out_path, infos, private=True) as writer:
+    with SafetensorsFileWriter(out, infos, private=True) as writer:
         for info in theta.infos:
             merged = theta.read(info.name).to(torch.float32)
             writer.write(info.name, merged.add_(s1.read(info.name), alpha=eta / s0))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -72,9 +73,9 @@ def quantile_thresholds(
 
 
 def write_center(
-    theta: SafetensorsFile, reference: SafetensorsFile, thresholds: dict[str, float | None], out: Path
+    theta: SafetensorsFile, reference: SafetensorsFile, thresholds: dict[str, float | None], out: Path | BinaryIO
 ) -> dict[str, float]:
-    """θ̃ = θ_ref + clip_ℓ(θ − θ_ref) to `out`; returns each group's clip factor (1 = untouched)."""
+    """θ̃ = θ_ref + clip_ℓ(θ − θ_ref) to `out` (a path or an open blob); returns each group's clip factor (1 = untouched)."""
     distances = group_distances(theta, reference)
     factors = {g: clip_scale(d, thresholds.get(g)) for g, d in distances.items()}
     with SafetensorsFileWriter(out, [TensorInfo(i.name, "F32", i.shape) for i in theta.infos], private=True) as writer:
@@ -86,8 +87,8 @@ def write_center(
 
 
 def write_reference_ema(reference: SafetensorsFile, released: Callable[[TensorInfo], torch.Tensor], beta: float,
-                        out: Path) -> None:
-    """θ_ref ← β·θ_ref + (1 − β)·released to `out`, `released(info)` one tensor of a released
+                        out: Path | BinaryIO) -> None:
+    """θ_ref ← β·θ_ref + (1 − β)·released to `out` (a path or an open blob), `released(info)` one tensor of a released
     quantity (the harmonic combination of the round's copies), never the secret center: θ_ref must
     stay a function of what was published for the sensitivity 2·C_ℓ of the next round to hold."""
     with SafetensorsFileWriter(out, [TensorInfo(i.name, "F32", i.shape) for i in reference.infos], private=True) as writer:

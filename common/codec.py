@@ -28,6 +28,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from typing import BinaryIO
 from dataclasses import dataclass
 
 import torch
@@ -377,11 +378,18 @@ def _read_exactly(file, buffer: memoryview, path: str) -> None:
 
 
 class SafetensorsFile:
-    """Random-access reader of a safetensors file with seek/readinto (no mmap); not thread-safe."""
+    """Random-access reader of a safetensors file with seek/readinto (no mmap); not thread-safe.
 
-    def __init__(self, path: str | os.PathLike, *, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
-        self.path = os.fspath(path)
-        self._file = open(self.path, "rb", buffering=0)
+    `source` is a path, or a binary file object open for reading (with seek and readinto),
+    which the reader then owns and closes.
+    """
+
+    def __init__(self, source: str | os.PathLike | BinaryIO, *, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
+        if hasattr(source, "readinto"):
+            self._file, self.path = source, str(getattr(source, "name", "<stream>"))
+        else:
+            self.path = os.fspath(source)
+            self._file = open(self.path, "rb", buffering=0)
         try:
             self._read_header(max_header_bytes)
         except BaseException:
@@ -389,7 +397,8 @@ class SafetensorsFile:
             raise
 
     def _read_header(self, max_header_bytes: int) -> None:
-        size = os.fstat(self._file.fileno()).st_size
+        size = self._file.seek(0, os.SEEK_END)
+        self._file.seek(0)
         if size < 8:
             raise InvalidInput(f"{self.path} is {size} bytes, too short for a safetensors file; re-save it")
         prefix = bytearray(8)
@@ -433,16 +442,26 @@ class SafetensorsFile:
 
 
 class SafetensorsFileWriter:
-    """Writes a file whose layout is fixed up front; tensors may be written in any order."""
+    """Writes a file whose layout is fixed up front; tensors may be written in any order.
 
-    def __init__(self, path: str | os.PathLike, infos: list[TensorInfo], metadata: dict[str, str] | None = None,
-                 *, private: bool = False) -> None:
-        self.path = os.fspath(path)
+    `target` is a path (the writer creates, fsyncs and closes the file, and deletes it on abort),
+    or a binary file object open for writing (with seek and truncate) whose owner commits or
+    discards it: the writer then only fills it and flushes.
+    """
+
+    def __init__(self, target: str | os.PathLike | BinaryIO, infos: list[TensorInfo],
+                 metadata: dict[str, str] | None = None, *, private: bool = False) -> None:
         header = build_header(infos, metadata)
         self._start, self._offsets = len(header), layout(infos)
         self._infos = {info.name: info for info in infos}
         self._unwritten = set(self._infos)
-        self._file = _create(self.path, private)
+        self._owned = not hasattr(target, "write")
+        if self._owned:
+            self.path = os.fspath(target)
+            self._file = _create(self.path, private)
+        else:
+            self.path, self._file = str(getattr(target, "name", "<stream>")), target
+        self._open = True
         try:
             self._file.write(header)
             self._file.truncate(self._start + sum(info.nbytes for info in infos))
@@ -461,21 +480,26 @@ class SafetensorsFileWriter:
         self._unwritten.discard(name)
 
     def close(self) -> None:
-        """Flush and fsync; refuses (and stays open) while some tensor was never written."""
-        if self._file.closed:
+        """Flush (and fsync and close a file of its own); refuses, and stays open, while some
+        tensor was never written."""
+        if not self._open:
             return
         if self._unwritten:
             raise ValueError(f"{self.path}: tensors never written: {sorted(self._unwritten)}; "
                              "write them before close(), or abort()")
         self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        if self._owned:
+            os.fsync(self._file.fileno())
+            self._file.close()
+        self._open = False
 
     def abort(self) -> None:
-        """Close and delete the partial file."""
-        self._file.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(self.path)
+        """Stop writing; a file of its own is closed and deleted."""
+        self._open = False
+        if self._owned:
+            self._file.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
 
     def __enter__(self) -> SafetensorsFileWriter:
         return self
@@ -485,7 +509,7 @@ class SafetensorsFileWriter:
             if exc_type is None:
                 self.close()
         finally:
-            if not self._file.closed:  # an exception in the block, or a tensor never written
+            if self._open:  # an exception in the block, or a tensor never written
                 self.abort()
 
 

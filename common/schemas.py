@@ -1,10 +1,16 @@
-"""Wire schemas shared by server and workers (pydantic models, JSON on the wire)."""
+"""The wire contract: every request and reply body of the HTTP API as a pydantic model.
+
+The server declares them as `response_model`s (so the OpenAPI document names each one) and the
+client parses replies with the same classes. States travel as the enums of `pum.common.states`.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from .states import CopyState, JobState, RoundState
 
 
 class TaskSpec(BaseModel):
@@ -27,3 +33,154 @@ class TaskSpec(BaseModel):
     prompt_format: Literal["auto", "chat", "plain"] = Field(
         "auto", description="chat (the tokenizer's template), plain, or auto: chat when the tokenizer has one"
     )
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx reply."""
+
+    detail: str = Field(description="what is wrong and what to change")
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+# ---- admin ------------------------------------------------------------------------------------
+class JobCreate(BaseModel):
+    task: str = Field(description="task name; the merged model goes to saves/unlearn/<task>/")
+    model_dir: str = Field(description="Hugging Face model folder on the server (safetensors)")
+    pum: dict[str, Any] = Field(default_factory=dict, description="PUM settings (DESIGN.md §8 names)")
+    hyperparams: dict[str, Any] = Field(default_factory=dict, description="inner method hyperparameters for the workers")
+
+
+class TokenCreate(BaseModel):
+    label: str = Field("worker", max_length=100, description="a name for the worker, shown in logs")
+
+
+class TokenIssued(BaseModel):
+    token: str = Field(description="the worker token; shown only in this reply (the server keeps its hash)")
+    label: str
+    job_id: str
+
+
+class CopyInfo(BaseModel):
+    """One published copy of a round, as the admin sees it (the worker never learns k)."""
+
+    k: int
+    state: CopyState
+    leases: int = Field(description="how many times the copy was leased")
+    failures: int = Field(description="how many leases of it ended in a failure the worker reported")
+    leased_at: float | None
+    accepted_at: float | None
+
+
+class RoundInfo(BaseModel):
+    round: int
+    state: RoundState
+    accepted: int = Field(description="copies merged so far")
+    sigmas: dict[str, float] = Field(description="σ_ℓ per layer group")
+    started_at: float
+    finished_at: float | None
+    copies: list[CopyInfo]
+
+
+class JobSummary(BaseModel):
+    id: str
+    task: str
+    state: JobState
+    round: int = Field(description="the current round (0 before the start)")
+    created_at: float
+
+
+class JobStatus(JobSummary):
+    rounds_R: int
+    copies_m: int
+    error: str | None
+    output_dir: str | None = Field(description="where the merged model was saved, once finalized")
+    updated_at: float
+    settings: dict[str, Any] = Field(description="the job's PUM settings, every field by name")
+    hyperparams: dict[str, Any]
+    rounds: list[RoundInfo]
+
+
+class ModelFiles(BaseModel):
+    files: list[str] = Field(description="file names of the finalized model")
+
+
+class PrivacyGuarantee(BaseModel):
+    """One (ε, δ) of the report; ε is None where no ε is meaningful (the warnings say why)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    epsilon: float | None
+    delta: float
+    mu: float | None = None
+    conversion: str | None = None
+
+
+class PrivacyReport(BaseModel):
+    """The privacy report of a job's released rounds (DESIGN.md §5); before the start, only warnings."""
+
+    model_config = ConfigDict(extra="allow")
+
+    job: str
+    state: JobState
+    rounds: int = Field(description="rounds released so far")
+    warnings: list[str]
+    delta: float | None = None
+    rounds_planned: int | None = None
+    copies_m: int | None = None
+    noise_structure: str | None = None
+    sigmas: dict[str, float] | list[dict[str, float]] | None = None
+    tau: float | None = None
+    meaningful: bool | None = None
+    seed_formula: PrivacyGuarantee | None = None
+    true_release: PrivacyGuarantee | None = None
+    largest_coalition: PrivacyGuarantee | None = None
+
+
+# ---- workers ----------------------------------------------------------------------------------
+class LeaseGranted(BaseModel):
+    status: Literal["leased"] = "leased"
+    lease_id: str = Field(description="opaque; names the copy in the calls that follow")
+    job_id: str
+    task_name: str
+    round: int
+    rounds_R: int
+    ttl_s: float = Field(description="the lease ends unless renewed by a heartbeat within this many seconds")
+    task: TaskSpec
+    public_files: list[str] = Field(description="config and tokenizer files, from GET /v1/work/files/{name}")
+
+
+class LeaseWait(BaseModel):
+    status: Literal["wait"] = "wait"
+    retry_after_s: float
+    job_state: JobState
+
+
+class LeaseDone(BaseModel):
+    status: Literal["done"] = "done"
+    job_state: JobState
+
+
+LeaseReply = Annotated[Union[LeaseGranted, LeaseWait, LeaseDone], Field(discriminator="status")]
+LEASE_REPLY: TypeAdapter[LeaseGranted | LeaseWait | LeaseDone] = TypeAdapter(LeaseReply)
+
+
+class Heartbeat(BaseModel):
+    lease_id: str
+    ttl_s: float
+
+
+class Release(BaseModel):
+    reason: str = Field("", max_length=2000, description="why the worker gives the copy back")
+
+
+class Released(BaseModel):
+    released: bool = True
+
+
+class UploadAccepted(BaseModel):
+    accepted: bool = True
+    job_state: JobState
+    round: int = Field(description="the job's round after this upload (a complete round steps at once)")
