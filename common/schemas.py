@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from .privacy.report import CoalitionGuarantee, Guarantee, SeedFormula
 from .states import CopyState, JobState, RoundState
 
 
@@ -55,11 +56,14 @@ class JobCreate(BaseModel):
 
 class TokenCreate(BaseModel):
     label: str = Field("worker", max_length=100, description="a name for the worker, shown in logs")
+    party: str = Field("", max_length=100, description="the data owner the token belongs to; tokens of one party "
+                       "are one adversary in the privacy report (default: every token is the job's one data owner)")
 
 
 class TokenIssued(BaseModel):
     token: str = Field(description="the worker token; shown only in this reply (the server keeps its hash)")
     label: str
+    party: str
     job_id: str
 
 
@@ -107,36 +111,35 @@ class ModelFiles(BaseModel):
     files: list[str] = Field(description="file names of the finalized model")
 
 
-class PrivacyGuarantee(BaseModel):
-    """One (ε, δ) of the report; ε is None where no ε is meaningful (the warnings say why)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    epsilon: float | None
-    delta: float
-    mu: float | None = None
-    conversion: str | None = None
-
-
 class PrivacyReport(BaseModel):
-    """The privacy report of a job's released rounds (DESIGN.md §5); before the start, only warnings."""
-
-    model_config = ConfigDict(extra="allow")
+    """The privacy report of a job over all its rounds (DESIGN.md §5): the fields of
+    `pum.common.privacy.report.PrivacyReport` (a test keeps the two in step) and the job's id and
+    state. An ε or μ is "inf" when unbounded, None when not computed."""
 
     job: str
     state: JobState
-    rounds: int = Field(description="rounds released so far")
+    epsilon: float | Literal["inf"] | None = Field(description="headline: the true ε against the largest party")
+    unbounded: bool
+    delta: float
+    headline: str = Field(description="what the headline ε is")
+    meaningful: bool = Field(description="an ε was computed (no_epsilon_reasons says why not)")
+    rounds: int = Field(description="rounds accounted: the job's rounds_R")
+    rounds_opened: int
+    copies_m: int
+    noise_structure: str
+    noise_mode: str
+    dp_target: str | None
+    calibration: str | None
+    seed_formula: SeedFormula
+    true_release: Guarantee
+    largest_coalition: CoalitionGuarantee
+    sigmas: list[dict[str, float]] = Field(description="σ_ℓ per round")
+    taus: list[dict[str, float]] = Field(description="τ_ℓ per round")
+    sensitivities: list[dict[str, float | None]] = Field(description="Δ̄_ℓ = 2·C_ℓ per round (None: not clipped)")
+    noise_total_variance: float | None
+    jitter_total_variance: float | None
+    no_epsilon_reasons: list[str]
     warnings: list[str]
-    delta: float | None = None
-    rounds_planned: int | None = None
-    copies_m: int | None = None
-    noise_structure: str | None = None
-    sigmas: dict[str, float] | list[dict[str, float]] | None = None
-    tau: float | None = None
-    meaningful: bool | None = None
-    seed_formula: PrivacyGuarantee | None = None
-    true_release: PrivacyGuarantee | None = None
-    largest_coalition: PrivacyGuarantee | None = None
 
 
 # ---- workers ----------------------------------------------------------------------------------

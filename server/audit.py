@@ -16,14 +16,12 @@ one layer group in float64.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pum.common.codec import SafetensorsFile
 from pum.common.errors import Conflict, NotFound
 from pum.common.layers import GLOBAL_GROUP, layer_group
 from pum.common.noise import draw_alphas
@@ -31,10 +29,12 @@ from pum.common.privacy.align import align_layer
 from pum.common.privacy.audit import audit
 from pum.common.privacy.release import copy_covariance, ones_precision
 from pum.common.reparam import adapter_for
-from pum.common.settings import PumSettings
+from pum.common.states import RoundState
 
-from . import rounds as R
-from .store import Store
+from .blobs import LocalBlobStore
+from .job_files import JobFiles
+from .rounds import copy_tensors, copy_transform, published_layout, round_noise
+from .store import SqliteStore
 
 REPARAM_NOTE = ("reparameterization hides little from a party holding every copy of a round: it aligns the copies "
                 "(Procrustes per KV head, assignment of FFN channels) and then attacks as without it; the wider "
@@ -57,28 +57,28 @@ def _summary(result: dict) -> dict:
 
 def audit_round(state_dir: Path, job_id: str, coords_per_tensor: int = 2000, seed: int = 0) -> dict:
     """Per layer group: each attack's recovery error, the strongest, and the floor, for the current round."""
-    store = Store(state_dir / "state.db")
+    store = SqliteStore(state_dir / "state.db")
     try:
         job = store.job(job_id)
         if job is None:
             raise NotFound(f"no job {job_id!r} in {state_dir}")
         rnd = store.round(job_id, job.round)
-        if rnd is None or rnd.state != "open":
+        if rnd is None or rnd.state is not RoundState.OPEN:
             raise Conflict(f"job {job_id} has no open round to audit (state {job.state})")
-        settings = PumSettings.from_spec(job.spec["pum"])
-        sigmas, taus = R.round_noise(rnd, settings)
+        settings = job.spec.settings
+        sigmas, taus = round_noise(rnd, settings)
     finally:
         store.close()
-    files = R.JobFiles(state_dir / "jobs" / job_id)
-    key = files.key.read_bytes()
-    layout = R.published_layout(files.theta(job.round), job.spec["dtypes"])
+    files = JobFiles(LocalBlobStore(state_dir), job_id)
+    key = files.read_key()
+    layout = published_layout(files, job.round, job.spec.dtypes)
     alphas = draw_alphas(key, job.round, settings.copies_m, settings.alpha_min, settings.alpha_max)
     generator = torch.Generator().manual_seed(seed)
     picks = {i.name: sample_indices(i.numel, coords_per_tensor, generator).numpy() for i in layout}
     reparam = settings.use_orthogonal_reparam
-    transform0 = R.copy_transform(files, key, settings, job.round, 0) if reparam else None
+    transform0 = copy_transform(files, key, settings, job.round, 0) if reparam else None
     if reparam:
-        config = json.loads((files.public / "config.json").read_text())
+        config = files.public_config()
         adapter = adapter_for(config)
         dims = adapter.dims(config)
 
@@ -89,13 +89,13 @@ def audit_round(state_dir: Path, job_id: str, coords_per_tensor: int = 2000, see
     for group, infos in groups.items():
         copies = []
         for k in range(settings.copies_m):
-            with R.copy_tensors(files, key, settings, job.round, k, sigmas, taus) as noisy:
+            with copy_tensors(files, key, job.spec, job.round, k, sigmas, taus) as noisy:
                 copies.append({i.name: noisy(i).double().numpy() for i in infos})
-        with SafetensorsFile(files.center(job.round)) as center_file:
+        with files.read(files.center(job.round, job.spec.clipping)) as center_file:
             center = {i.name: center_file.read(i.name).double() for i in infos}
         base = None
-        if files.base.exists():
-            with SafetensorsFile(files.base) as base_file:
+        if job.spec.has_base:
+            with files.read(files.BASE) as base_file:
                 base = {i.name: base_file.read(i.name).double() for i in infos}
 
         def sampled(tensors: dict) -> np.ndarray:

@@ -10,12 +10,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from pum.common.errors import Forbidden, Unauthorized
 
-from .service import JobService, hash_token
+from .service import JobService
+from .tokens import hash_token
 
 bearer = HTTPBearer(auto_error=False, description="admin token, or a worker token issued by the admin")
 
 
-def get_service(request: Request) -> JobService:
+async def get_service(request: Request) -> JobService:
     return request.app.state.service
 
 
@@ -31,6 +32,7 @@ def _is_admin(service: JobService, token: str | None) -> bool:
 
 
 def require_admin(service: Service, credentials: Credentials) -> None:
+    """Runs in a worker thread: it may read the store."""
     token = credentials.credentials if credentials else None
     if _is_admin(service, token):
         return
@@ -41,8 +43,8 @@ def require_admin(service: Service, credentials: Credentials) -> None:
     raise Unauthorized("unknown token: send the admin token")
 
 
-def require_worker(credentials: Credentials) -> str:
-    """The raw worker token; the service resolves it to its job."""
+async def require_worker(credentials: Credentials) -> str:
+    """The raw worker token; the service resolves it to its job (no I/O here, so no thread hop)."""
     if credentials is None:
         raise Unauthorized("missing bearer token: send 'Authorization: Bearer <worker token>'")
     return credentials.credentials

@@ -45,21 +45,21 @@ def run_privacy(args: argparse.Namespace) -> int:
     import yaml
 
     from pum.common.settings import PumSettings
+    from pum.common.states import JobAction
 
     from .config import ServerSettings
     from .service import JobService
-    from .store import Store
 
     spec = yaml.safe_load(Path(args.job_file).read_text()) or {}
     settings = PumSettings.from_sources(args.job_file)
     with tempfile.TemporaryDirectory(prefix="pum-privacy-") as tmp:
         server = ServerSettings(state_dir=Path(tmp) / "state", saves_dir=Path(tmp) / "saves", dev_mode=True)
-        service = JobService(Store(server.state_dir / "state.db"), server)
-        job = service.create_job(spec.get("task", "privacy"), str(spec.get("model_dir", "")), settings.to_public_dict(), {})
-        service.start(job.id)
+        service = JobService.open(server)
+        job = service.jobs.create(spec.get("task", "privacy"), str(spec.get("model_dir", "")), settings.to_public_dict(), {})
+        service.jobs.act(job.id, JobAction.START)
         report = service.privacy(job.id)
-        service.store.close()
-    print(json.dumps({k: v for k, v in report.items() if k not in ("job", "state")}, indent=2, allow_nan=False))
+        service.close()
+    print(json.dumps(report.model_dump(mode="json", exclude={"job", "state"}), indent=2, allow_nan=False))
     return 0
 
 

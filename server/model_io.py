@@ -1,9 +1,9 @@
 """The model on the server's disk: ingest a Hugging Face folder, export the merged model.
 
-The server keeps θ as one float32 safetensors file per round, under the model's own tensor
-names (`model_layout`), and never loads the model as a whole; the public files (config,
-generation config, tokenizer: `pum.common.model_files.PUBLIC_FILES`) are copied next to it and
-served to workers. Nothing that leaves the folder through a link is read, and a config that
+The server keeps θ as one float32 safetensors blob per round (`JobFiles`), under the model's
+own tensor names (`model_layout`), and never loads the model as a whole; the public files
+(config, generation config, tokenizer: `pum.common.model_files.PUBLIC_FILES`) are copied next to
+it and served to workers. Nothing that leaves the folder through a link is read, and a config that
 would make a worker's transformers load code is refused.
 """
 
@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 from pathlib import Path
 
-from pum.common.codec import SafetensorsFile, TensorInfo, save_file_atomic
-from pum.common.errors import InvalidInput, NotFound
+from pum.common.codec import DTYPES, SafetensorsFile, TensorInfo
+from pum.common.errors import InvalidInput
 from pum.common.model_files import PUBLIC_FILES, code_loading_keys, is_plain_file_name
 
+from .blobs import BlobStore
+from .job_files import JobFiles
 from .model_layout import match_checkpoint
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,8 @@ def _read_json(path: Path) -> object:
         raise InvalidInput(f"{path} is not valid UTF-8 JSON: re-save the model with save_pretrained") from None
 
 
-def ingest_model(model_dir: Path, theta_path: Path, public_dir: Path) -> dict[str, str]:
-    """Copy the weights to `theta_path` as float32 and the public files to `public_dir`.
+def ingest_model(model_dir: Path, files: JobFiles) -> dict[str, str]:
+    """Copy the weights to θ of round 1 as float32 and the public files next to them.
 
     Returns the original dtype of every tensor, for the export.
     """
@@ -115,15 +116,14 @@ def ingest_model(model_dir: Path, theta_path: Path, public_dir: Path) -> dict[st
         raise InvalidInput(f"model_dir {model_dir} is not a folder on the server")
     published = public_files(model_dir)
     refuse_code(published)
-    dtypes = ingest_weights(model_dir, theta_path, "model_dir")
-    public_dir.mkdir(parents=True, exist_ok=True)
+    dtypes = ingest_weights(model_dir, files, files.theta(1), "model_dir")
     for path in published:
-        shutil.copyfile(path, public_dir / path.name)
+        files.import_file(files.public(path.name), path)
     return dtypes
 
 
-def ingest_weights(model_dir: Path, out_path: Path, what: str) -> dict[str, str]:
-    """The weights of a Hugging Face folder as one float32 file under the model's own tensor names.
+def ingest_weights(model_dir: Path, files: JobFiles, name: str, what: str) -> dict[str, str]:
+    """The weights of a Hugging Face folder as the job's float32 blob `name`, under the model's own tensor names.
 
     Returns the original dtypes. Refuses a folder whose weights do not fit its config.
     """
@@ -139,7 +139,7 @@ def ingest_weights(model_dir: Path, out_path: Path, what: str) -> dict[str, str]
             raise InvalidInput(f"model has non-float tensors PUM cannot perturb: {others[:5]}")
         infos = [TensorInfo(match.names[i.name], "F32", i.shape) for i in kept]
         tensors = (located[i.name][0].read(i.name).float() for i in kept)
-        save_file_atomic(out_path, infos, tensors, private=True)
+        files.write_safetensors(name, infos, tensors)
     return {match.names[info.name]: info.dtype for info in kept}
 
 
@@ -168,14 +168,6 @@ def _locate(model_dir: Path, shards: list[SafetensorsFile]) -> dict[str, tuple[S
     return located
 
 
-def file_in(folder: Path, name: str) -> Path:
-    """The plain file `name` of `folder`, or NotFound (a path, a dotfile, a name over 255 bytes, a missing file)."""
-    path = folder / name if is_plain_file_name(name) else None
-    if path is None or not path.is_file():
-        raise NotFound(f"no file {name[:100]!r}")
-    return path
-
-
 def _stays_inside(path: Path, model_dir: Path) -> bool:
     """Whether `path` resolves inside the model folder, or, for a Hugging Face cache snapshot
     (…/snapshots/<revision>/, whose files link to ../../blobs/), inside that repository's blobs."""
@@ -190,16 +182,17 @@ def _inside(path: Path, model_dir: Path) -> Path:
     return path
 
 
-def export_model(theta_path: Path, dtypes: dict[str, str], public_dir: Path, out_dir: Path) -> Path:
-    """Write θ in Hugging Face format (model.safetensors in the original dtypes, config, tokenizer)."""
-    from pum.common.codec import DTYPES
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with SafetensorsFile(theta_path) as theta:
-        infos = [TensorInfo(i.name, dtypes.get(i.name, "F32"), i.shape) for i in theta.infos]
-        tensors = (theta.read(i.name).to(DTYPES[i.dtype]) for i in infos)
-        save_file_atomic(out_dir / "model.safetensors", infos, tensors, metadata={"format": "pt"})
-    for path in public_dir.iterdir():
-        shutil.copy2(path, out_dir / path.name)
-    log.info("saved merged model to %s", out_dir)
-    return out_dir
+def export_model(files: JobFiles, theta: str, dtypes: dict[str, str], saves: BlobStore, folder: str) -> str:
+    """Write θ in Hugging Face format (model.safetensors in the original dtypes, config, tokenizer)
+    to `folder` of the saves store; returns where it lies."""
+    with files.read(theta) as weights:
+        infos = [TensorInfo(i.name, dtypes.get(i.name, "F32"), i.shape) for i in weights.infos]
+        tensors = (weights.read(i.name).to(DTYPES[i.dtype]) for i in infos)
+        saves.write_safetensors(f"{folder}/model.safetensors", infos, tensors, {"format": "pt"}, private=False)
+    for name in files.public_names():
+        with saves.create(f"{folder}/{name}", private=False) as writer:
+            for chunk in files.chunks(files.public(name)):
+                writer.file.write(chunk)
+    where = saves.describe(folder)
+    log.info("saved merged model to %s", where)
+    return where

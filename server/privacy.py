@@ -12,11 +12,10 @@ from __future__ import annotations
 from pum.common.noise import draw_alphas
 from pum.common.privacy.report import EVERY_COPY, Coalition, RoundRelease, privacy_report
 from pum.common.settings import PumSettings
+from pum.common.states import END_STATES
 
 from .rounds import clip_thresholds_for_round, dp_noise, manual_per_layer_sigmas, round_noise
 from .store import Job, Store
-
-ENDED = ("finalized", "aborted", "failed")
 
 
 def planned_noise(settings: PumSettings, sizes: dict[str, int], key: bytes, clip_norms, round_: int):
@@ -48,10 +47,10 @@ def coalition_of(settings: PumSettings, store: Store, job_id: str) -> Coalition:
 
 
 def privacy_of(job: Job, store: Store, key: bytes) -> dict:
-    settings = PumSettings.from_spec(job.spec["pum"])
+    settings = job.spec.settings
     opened = {r.round: r for r in store.rounds(job.id)}
-    clip_norms, sizes = job.spec.get("clip_norms"), job.spec.get("group_sizes") or {}
-    last = max(opened, default=0) if job.state in ENDED else settings.rounds_R
+    clip_norms, sizes = job.spec.clip_norms, job.spec.group_sizes
+    last = max(opened, default=0) if job.state in END_STATES else settings.rounds_R
     rounds = []
     for r in range(1, last + 1):
         if r in opened:
@@ -64,5 +63,5 @@ def privacy_of(job: Job, store: Store, key: bytes) -> dict:
         alphas = draw_alphas(key, r, settings.copies_m, settings.alpha_min, settings.alpha_max)
         rounds.append(RoundRelease(alphas, scales[0], scales[1], clips, opened=r in opened))
     report = privacy_report(settings, rounds, coalition_of(settings, store, job.id), sizes,
-                            has_public_base=job.spec.get("has_base", False))
+                            has_public_base=job.spec.has_base)
     return {"job": job.id, "state": job.state, **report.to_dict()}

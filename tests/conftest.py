@@ -14,8 +14,9 @@ from fastapi.testclient import TestClient
 from pum.common.noise import draw_alphas, job_key_from_seed
 from pum.server.app import create_app
 from pum.server.config import ServerSettings
+from pum.server.blobs import Faults, LocalBlobStore, MemoryBlobStore
 from pum.server.service import JobService
-from pum.server.store import Store
+from pum.server.store import MemoryStore, SqliteStore
 
 torch.set_num_threads(1)
 
@@ -68,6 +69,15 @@ def as_a_download():
     return dress_as_a_download
 
 
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory):
+    """(cache folder, DemoAssets): the tiny demo data and fine-tuned model, built once per session."""
+    from pum.demo.assets import tiny_assets
+
+    cache = tmp_path_factory.mktemp("demo-cache")
+    return cache, tiny_assets(cache)
+
+
 ADMIN = "admin-secret-token"
 
 
@@ -77,6 +87,12 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A clock the test sets by hand (`clock.now += ttl`)."""
+    return FakeClock()
 
 
 @dataclass
@@ -107,20 +123,33 @@ class Server:
     def token(self, job_id: str, label: str = "w") -> str:
         return self.admin.post(f"/v1/jobs/{job_id}/tokens", json={"label": label}).json()["token"]
 
+    def blob(self, job_id: str, name: str) -> dict[str, torch.Tensor]:
+        """A safetensors blob of the job (a name of `pum.server.job_files.JobFiles`), as tensors."""
+        with self.service.context.files(job_id).read(name) as blob:
+            return {n: blob.read(n) for n in blob.names}
+
     def alphas(self, job_id: str, round_: int = 1) -> list[float]:
         """The secret α of a seeded job, recomputed the way the server does (test-only)."""
-        settings = self.service._settings(self.service.store.job(job_id))
+        settings = self.service.store.job(job_id).spec.settings
         return draw_alphas(job_key_from_seed(settings.seed), round_, settings.copies_m, settings.alpha_min, settings.alpha_max)
 
 
-def make_server(tmp_path: Path, clock: FakeClock | None = None, **overrides) -> Server:
-    """A server with an admin token in development mode (jobs are seeded, which only --dev allows)."""
+def make_server(tmp_path: Path, clock: FakeClock | None = None, backend: str = "sqlite", faults: Faults | None = None,
+                **overrides) -> Server:
+    """A server with an admin token in development mode (jobs are seeded, which only --dev allows).
+
+    backend "sqlite": SQLite and local files under tmp_path (the server's defaults); "memory": the
+    in-memory store and blob stores (nothing on disk). `faults` arms failures in the state blobs."""
     settings = ServerSettings(**{
         "state_dir": tmp_path / "state", "saves_dir": tmp_path / "saves", "admin_token": ADMIN, "lease_ttl_s": 30.0,
         "dev_mode": True, **overrides,
     })
     clock = clock or FakeClock()
-    service = JobService(Store(settings.state_dir / "state.db"), settings, clock=clock)
+    if backend == "memory":
+        service = JobService(MemoryStore(clock), settings, MemoryBlobStore(faults), MemoryBlobStore())
+    else:
+        blobs = LocalBlobStore(settings.state_dir, faults)
+        service = JobService(SqliteStore(settings.state_dir / "state.db", clock), settings, blobs)
     admin = TestClient(create_app(settings, service), headers={"Authorization": f"Bearer {ADMIN}"})
     return Server(settings, service, admin, clock)
 

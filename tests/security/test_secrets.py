@@ -422,8 +422,7 @@ def test_no_secret_reaches_a_worker_or_a_log(server, tiny_model_dir, caplog, tau
 
     harness = Harness(server.admin, worker, server.settings.state_dir, expire)
     trace = drive_job(harness, job)
-    with server.service.store._lock:
-        lease_k = {r["id"]: (r["round"], r["k"]) for r in server.service.store._db.execute("SELECT id, round, k FROM leases")}
+    lease_k = {lease.id: (lease.round, lease.k) for lease in server.service.store.leases(job)}
     check_secrets_are_the_servers(trace, lease_k, tau)
 
     formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
@@ -436,6 +435,7 @@ def test_no_secret_reaches_a_worker_or_a_log(server, tiny_model_dir, caplog, tau
     assert_clean(scanner, trace, logs)
 
 
+@pytest.mark.e2e
 def test_no_secret_on_the_wire_or_in_the_log_of_a_real_server(server_process, tiny_model_dir, state_db):
     """The same job against `pum --log-level DEBUG server` on 127.0.0.1: uvicorn's own logs too."""
     ttl = 2.5
@@ -485,24 +485,25 @@ def test_sqlite_wal_and_shm_files_are_private(tiny_model_dir, server_factory, tm
     assert all(mode & 0o077 == 0 for mode in modes.values()), {n: oct(m) for n, m in modes.items()}
 
 
-def test_zbar_is_never_readable_by_others_while_it_is_written(tiny_model_dir, server_factory, tmp_path, umask_022, monkeypatch):
-    import pum.server.rounds as rounds
+def test_no_blob_is_readable_by_others_while_it_is_written(tiny_model_dir, server_factory, tmp_path, umask_022, monkeypatch):
+    """Every file of a job (z̄, θ, the key, …) is 0600 from its first byte to its rename."""
+    from pum.server.blobs.local import LocalWriter
 
     seen: dict[str, int] = {}
-    original = rounds.save_file_atomic
+    init, commit = LocalWriter.__init__, LocalWriter.commit
 
-    def watching(path, infos, tensors, metadata=None, **kwargs):
-        def tensors_watched():
-            for tensor in tensors:  # while the temporary file is being written
-                for p in Path(path).parent.glob(Path(path).name + "*"):
-                    seen[p.name] = seen.get(p.name, 0) | stat.S_IMODE(p.stat().st_mode)
-                yield tensor
+    def watched_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        seen[self.key + " (created)"] = stat.S_IMODE(self.temporary.stat().st_mode)
 
-        original(path, infos, tensors_watched(), metadata, **kwargs)
-        seen[Path(path).name + " (renamed)"] = stat.S_IMODE(Path(path).stat().st_mode)
+    def watched_commit(self):
+        seen[self.key + " (written)"] = stat.S_IMODE(self.temporary.stat().st_mode)
+        commit(self)
+        seen[self.key + " (renamed)"] = stat.S_IMODE(self.target.stat().st_mode)
 
-    monkeypatch.setattr(rounds, "save_file_atomic", watching)
+    monkeypatch.setattr(LocalWriter, "__init__", watched_init)
+    monkeypatch.setattr(LocalWriter, "commit", watched_commit)
     server = server_factory(tmp_path)
     server.create_job(tiny_model_dir, {"copies_m": 2, "rounds_R": 1})
-    assert seen, "write_zbar was not observed"
+    assert any("zbar" in name for name in seen) and any("secret.key" in name for name in seen), sorted(seen)
     assert all(mode & 0o077 == 0 for mode in seen.values()), {n: oct(m) for n, m in seen.items()}

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load, load_file, save
 
 from pum.common.layers import group_names, layer_group
+from pum.server.job_files import JobFiles
 
 
 def tiny(tmp_path_factory_or_path, seed: int):
@@ -26,7 +27,7 @@ def published_center(server, job: str, round_: int = 1) -> dict[str, torch.Tenso
     """Σ_k (1/α_k)·copy_k / S0 over the round's copies (equals θ̃ for zero-sum noise, τ = 0)."""
     worker = server.worker(server.token(job, f"reader{round_}"))
     copies = {}
-    m = server.service._settings(server.service.store.job(job)).copies_m
+    m = server.service.store.job(job).spec.settings.copies_m
     for _ in range(m):
         lease = worker.post("/v1/work/lease").json()["lease_id"]
         copies[server.service.store.lease(lease).k] = (lease, load(worker.get(f"/v1/work/leases/{lease}/copy").content))
@@ -99,7 +100,7 @@ def test_quantile_policy_from_public_reference_models(server, tiny_model_dir, tm
     pum = {"copies_m": 2, "base_model": str(base), "center_clip_ref_model_paths": [str(r) for r in refs],
            "server_center_clipping": True, "center_clip_quantile_q": 0.9, "center_clip_quantile_kappa": 1.2}
     job = server.create_job(tiny_model_dir, pum)
-    clip_norms = server.service.store.job(job).spec["clip_norms"]
+    clip_norms = server.service.store.job(job).spec.clip_norms
     base_weights = load_file(base / "model.safetensors")
     for group in ("layer.0", "layer.1", "global"):
         distances = []
@@ -144,7 +145,6 @@ def test_reference_follows_the_published_copies_not_the_secret_center(server, ti
            "center_clip_C_global": 0.8, "theta_ref_beta": 0.6, "center_clip_round_gamma": 1.5, "sigma": 0.01,
            "jitter_tau": 0.02}
     job = server.create_job(tiny_model_dir, pum)
-    files = server.service._files(job)
     theta = load_file(tiny_model_dir / "model.safetensors")
     reference = {n: t.double() for n, t in load_file(base / "model.safetensors").items()}
     thresholds = {"layer.0": 0.5, "layer.1": 0.5, "global": 0.8}
@@ -154,8 +154,8 @@ def test_reference_follows_the_published_copies_not_the_secret_center(server, ti
         for lease in leases.values():
             assert worker.put(f"/v1/work/leases/{lease}/delta", content=save(zero)).status_code == 200
         reference = {n: 0.6 * reference[n] + 0.4 * released[n] for n in theta}  # from downloaded bytes only
-        assert_close_dicts(load_file(files.theta_ref(round_ + 1)), reference, atol=1e-5)
-        center = load_file(files.center(round_ + 1))  # the next center is clipped around it
+        assert_close_dicts(server.blob(job, JobFiles.theta_ref(round_ + 1)), reference, atol=1e-5)
+        center = server.blob(job, JobFiles.clipped_center(round_ + 1))  # the next center is clipped around it
         assert_close_dicts(center, by_hand_center(theta, reference, {g: c * 1.5**round_ for g, c in thresholds.items()}),
                            atol=1e-5)
 
@@ -179,7 +179,7 @@ def test_neighbouring_models_with_one_release_history_stay_within_the_sensitivit
     step = {n: 0.3 * torch.randn(t.shape, generator=torch.Generator().manual_seed(9)) for n, t in theta_a.items()}
     centers = {}
     for round_ in (1, 2):
-        centers[round_] = [load_file(server.service._files(job).center(round_)) for job in jobs]
+        centers[round_] = [server.blob(job, JobFiles.clipped_center(round_)) for job in jobs]
         if round_ == 1:
             for job in jobs:
                 worker = server.worker(server.token(job))

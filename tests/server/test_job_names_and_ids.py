@@ -14,7 +14,7 @@ def test_model_dir_and_base_model_as_ids_of_the_local_cache(server, hf_cache, ti
     response = create(server, "open-unlearning/tofu_tiny_full", {"base_model": "org/tiny_base", "noise_kappa": 0.01})
     assert response.status_code == 201, response.text
     job = server.service.store.job(response.json()["id"])
-    assert job.spec["model_dir"] == str(snapshot) and job.spec["has_base"] is True
+    assert job.spec.model_dir == str(snapshot) and job.spec.has_base is True
 
 
 def test_an_id_missing_from_the_cache_is_a_400_naming_the_cache(server, hf_cache):

@@ -119,7 +119,7 @@ def test_a_restarted_server_continues_the_round(tmp_path, tiny_model_dir, server
 
 def test_secrets_on_disk_are_private(server, tiny_model_dir):
     job = server.create_job(tiny_model_dir, {"copies_m": 2})
-    files = server.service._files(job)
-    assert files.key.stat().st_mode & 0o077 == 0
-    assert files.zbar(1).stat().st_mode & 0o077 == 0
-    assert (server.settings.state_dir / "state.db").stat().st_mode & 0o077 == 0
+    state = server.settings.state_dir
+    files = {p.relative_to(state).as_posix(): p.stat().st_mode for p in state.rglob("*") if p.is_file()}
+    assert {f"jobs/{job}/secret.key", f"jobs/{job}/rounds/r1/zbar.safetensors", "state.db"} <= set(files)
+    assert {name: oct(mode) for name, mode in files.items() if mode & 0o077} == {}

@@ -83,7 +83,7 @@ def test_a_stalled_upload_times_out_and_changes_nothing(tmp_path, tiny_model_dir
         yield body[100:]
 
     with pytest.raises(RequestTimeout, match="stalled"):
-        asyncio.run(server.service.receive_delta(token, lease, stalls(), len(body)))
+        asyncio.run(server.service.uploads.receive(token, lease, stalls(), len(body)))
     assert not list(server.settings.state_dir.glob("jobs/*/spool/*"))
     rnd = server.service.store.round(job, 1)
     assert (rnd.accepted, rnd.s0, rnd.s1_file) == (0, 0.0, None)

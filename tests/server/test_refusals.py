@@ -14,17 +14,17 @@ from safetensors.torch import load, save
 
 def snapshot(server, job_id: str) -> dict:
     """Everything an upload could change: round sums, copy and lease states, S1 bytes."""
-    service = server.service
-    job = service.store.job(job_id)
-    rnd = service.store.round(job_id, job.round)
-    s1 = service._files(job_id).round_dir(job.round) / rnd.s1_file if rnd.s1_file else None
-    with service.store._lock:
-        leases = service.store._db.execute("SELECT id, state, expires_at FROM leases ORDER BY id").fetchall()
+    store = server.service.store
+    job = store.job(job_id)
+    rnd = store.round(job_id, job.round)
+    s1 = server.settings.state_dir / "jobs" / job_id / "rounds" / f"r{job.round}" / rnd.s1_file if rnd.s1_file else None
     return {
         "job": (job.state, job.round), "round": (rnd.s0, rnd.accepted, rnd.s1_file),
-        "copies": [(c["k"], c["state"], c["lease_id"]) for c in service.store.copies(job_id, job.round)],
-        "leases": [tuple(row) for row in leases],
+        "copies": [(c.k, c.state, c.lease_id) for c in store.copies(job_id, job.round)],
+        "leases": sorted((lease.id, lease.state, lease.expires_at) for lease in store.leases(job_id)),
         "s1": hashlib.sha256(s1.read_bytes()).hexdigest() if s1 else None,
+        "blobs": sorted(p.relative_to(server.settings.state_dir).as_posix()
+                        for p in server.settings.state_dir.rglob("*") if p.is_file()),
     }
 
 
@@ -149,6 +149,6 @@ def test_no_secret_in_what_a_worker_receives(server, round_in_progress):
     reply = worker.post("/v1/work/lease").json()
     text = json.dumps(reply)
     job = server.service.store.job(round_in_progress["job"])
-    key = server.service._key(job.id)
+    key = server.service.context.key(job.id)
     assert key.hex() not in text and "seed" not in text and '"k"' not in text
     assert all(f"{a:.6f}" not in text for a in server.alphas(job.id))

@@ -1,0 +1,46 @@
+"""What every part of the service shares: the store, the blob stores, the settings, the job locks."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pum.common.errors import NotFound
+
+from .blobs import BlobStore
+from .config import ServerSettings
+from .job_files import JobFiles
+from .store import Job, Store
+
+
+@dataclass
+class ServerContext:
+    store: Store
+    blobs: BlobStore  # the state folder: jobs' secrets, θ, rounds, spools
+    saves: BlobStore  # merged models, one folder per task
+    settings: ServerSettings
+    _locks: dict[str, threading.Lock] = field(default_factory=dict)
+    _locks_guard: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self.store.clock
+
+    def job(self, job_id: str) -> Job:
+        job = self.store.job(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}: list jobs with GET /v1/jobs")
+        return job
+
+    def files(self, job_id: str) -> JobFiles:
+        return JobFiles(self.blobs, job_id)
+
+    def key(self, job_id: str) -> bytes:
+        """The job's secret key (α_k, seeds and z̄ derive from it)."""
+        return self.files(job_id).read_key()
+
+    def lock(self, job_id: str) -> threading.Lock:
+        """The job's lock: held by every change of its state and by every merge into its rounds."""
+        with self._locks_guard:
+            return self._locks.setdefault(job_id, threading.Lock())

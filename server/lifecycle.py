@@ -1,0 +1,136 @@
+"""A job from creation to its end: the admin actions, stepping rounds, the export, failure.
+
+Every change of a job's state runs under the job's lock and is checked twice: against the
+action's allowed states (`ACTIONS`, for a message that says what the job is), and by the store
+against `JOB_TRANSITIONS`, in the transaction that writes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from pum.common.aliases import canonical_job
+from pum.common.errors import Conflict, InvalidInput, PumError
+from pum.common.hub import resolve_local
+from pum.common.model_files import is_task_name
+from pum.common.settings import PumSettings
+from pum.common.states import ACTIONS, JobAction, JobState
+
+from .context import ServerContext
+from .job_setup import create_job_files
+from .model_io import export_model
+from .rounds import prepare_round, round_noise, step
+from .store import Job, JobSpec
+
+log = logging.getLogger(__name__)
+
+
+class Lifecycle:
+    def __init__(self, ctx: ServerContext):
+        self.ctx = ctx
+        self._actions = {
+            JobAction.START: self._start, JobAction.PAUSE: self._set(JobState.PAUSED),
+            JobAction.RESUME: self._set(JobState.RUNNING), JobAction.ABORT: self._set(JobState.ABORTED),
+            JobAction.ADVANCE: self._advance, JobAction.FINALIZE: self._finalize,
+        }
+
+    def create(self, task: str, model_dir: str, pum: dict, hyperparams: dict) -> Job:
+        """Validate the settings, ingest the model folder, write the job's files; the job is `created`."""
+        if not is_task_name(task):
+            raise InvalidInput(f"task {task!r} must be 1–100 letters, digits, '.', '_' or '-' (it names a folder)")
+        pum, hyperparams = canonical_job(pum, hyperparams)  # open-unlearning's names → PUM's
+        settings = PumSettings.from_spec(pum)
+        if settings.seed is not None and not self.ctx.settings.dev_mode:
+            raise InvalidInput(
+                "seed is refused on this server: a seeded job's α, noise seeds and transforms follow from the seed, "
+                "so a worker can regenerate the noise and strip it from its copy; remove seed (or start the server "
+                "with --dev, for tests only)")
+        source = resolve_local(model_dir, "model_dir")  # a folder, or a Hugging Face id in the local cache
+        job_id = "job-" + secrets.token_hex(6)
+        files = self.ctx.files(job_id)
+        try:
+            prepared = create_job_files(files, source, settings)
+        except BaseException:
+            files.delete_all()
+            raise
+        spec = JobSpec(model_dir=str(source), pum=settings.to_public_dict(), hyperparams=hyperparams, **prepared)
+        job = self.ctx.store.insert_job(job_id, task, spec)
+        log.info("created job %s (task %s, m=%d, R=%d)", job_id, task, settings.copies_m, settings.rounds_R)
+        return job
+
+    def act(self, job_id: str, action: JobAction) -> Job:
+        """Run an admin action (start, pause, resume, abort, advance, finalize) under the job's lock."""
+        with self.ctx.lock(job_id):
+            job = self.ctx.job(job_id)
+            allowed = ACTIONS[action].sources
+            if job.state not in allowed:
+                raise Conflict(f"cannot {action} job {job_id}: it is {job.state} "
+                               f"(allowed from {', '.join(sorted(allowed))})")
+            self._actions[action](job)
+        return self.ctx.job(job_id)
+
+    # ---- the actions (the job's lock is held) ------------------------------------------------
+    def _set(self, target: JobState):
+        def action(job: Job) -> None:
+            self.ctx.store.set_job_state(job.id, target)
+
+        return action
+
+    def _start(self, job: Job) -> None:
+        self.open_round(job, 1)
+        self.ctx.store.set_job_state(job.id, JobState.RUNNING)
+
+    def _advance(self, job: Job) -> None:
+        """Apply the step of a complete round (jobs with auto_advance off)."""
+        current = self.ctx.store.round(job.id, job.round)
+        m = job.spec.settings.copies_m
+        if current.accepted < m:
+            raise Conflict(f"round {job.round} has {current.accepted} of {m} copies: all are needed to step")
+        self.step(job)
+
+    def _finalize(self, job: Job) -> None:
+        """Save θ as of the last completed round and end the job (a partial round is discarded)."""
+        self.export(job, job.round)
+
+    # ---- rounds (the job's lock is held) -------------------------------------------------------
+    def step(self, job: Job) -> None:
+        """Apply θ ← θ + η·S1/S0 for the current round, then open the next one or finalize."""
+        files = self.ctx.files(job.id)
+        rnd = self.ctx.store.round(job.id, job.round)
+        try:
+            sigmas, taus = round_noise(rnd, job.spec.settings)
+            step(files, self.ctx.key(job.id), job.spec, job.round, rnd.s0, files.s1(job.round, rnd.accepted), sigmas, taus)
+            self.ctx.store.finish_round(job.id, job.round)
+            files.delete_folder(files.round_dir(job.round))
+            self.after_step(job)
+        except PumError:
+            raise
+        except Exception as err:
+            log.exception("job %s failed in round %d", job.id, job.round)
+            self.ctx.store.set_job_state(job.id, JobState.FAILED, error=f"{type(err).__name__} in round {job.round}")
+            raise
+
+    def after_step(self, job: Job) -> None:
+        """Open the round after a merged one, or export the model after the last."""
+        if job.round < job.spec.settings.rounds_R:
+            self.open_round(job, job.round + 1)
+        else:
+            self.export(job, job.round + 1)
+
+    def open_round(self, job: Job, round_: int) -> None:
+        files = self.ctx.files(job.id)
+        sigmas, taus = prepare_round(files, self.ctx.key(job.id), job.spec, round_)
+        self.ctx.store.open_round(job.id, round_, job.spec.settings.copies_m, sigmas, taus)
+        if round_ > 1:
+            files.delete(files.theta(round_ - 1))
+
+    def export(self, job: Job, theta_round: int) -> None:
+        """Save θ of `theta_round` as the merged model and end the job as finalized."""
+        files = self.ctx.files(job.id)
+        where = export_model(files, files.theta(theta_round), job.spec.dtypes, self.ctx.saves, job.task)
+        self.ctx.store.set_job_state(job.id, JobState.FINALIZED, output_dir=where)
+        for name in files.list():  # the model now lives in the saves folder
+            if name.startswith("theta_r"):
+                files.delete(name)
+        files.delete_folder("rounds")

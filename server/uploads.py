@@ -1,0 +1,154 @@
+"""Uploads: receive a worker's delta into a spool blob, then fold it into the round exactly once.
+
+Receiving is async (the body arrives on the event loop) but every blocking step — the store's
+lease checks, parsing, finiteness checks, blob writes — runs in a worker thread, so a lease
+request never waits behind an upload. Merging runs in a thread under the job's lock: the new S1
+blob is written, then `accept_copy` commits it with S0 and the copy's state in one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import AsyncIterable, AsyncIterator
+
+import torch
+from starlette.concurrency import run_in_threadpool
+
+from pum.common.codec import SafetensorsFileWriter, StreamParser, TensorInfo, total_size
+from pum.common.errors import InvalidInput, PayloadTooLarge, RequestTimeout
+from pum.common.schemas import UploadAccepted
+
+from .blobs import BlobWriter
+from .context import ServerContext
+from .job_files import JobFiles
+from .lifecycle import Lifecycle
+from .rounds import merge_spooled, published_layout
+from .store import Lease
+from .work import WorkProtocol
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Spooled:
+    """A received, validated delta waiting to be merged."""
+
+    lease: Lease
+    name: str  # its spool blob in the job's files
+
+
+class _Spool:
+    """One upload being written to its spool blob while it is parsed and checked."""
+
+    def __init__(self, files: JobFiles, lease: Lease, layout: list[TensorInfo], max_header_bytes: int):
+        self.files, self.lease = files, lease
+        self.parser = StreamParser(expected={i.name: i for i in layout}, max_header_bytes=max_header_bytes,
+                                   max_total_bytes=total_size(layout))
+        self.name = files.spool(lease.id + "-" + secrets.token_hex(4))
+        # scratch: atomic but not synced, start-up deletes every spool anyway
+        self.blob: BlobWriter = files.create(self.name, durable=False)
+        self.committed = False
+        try:
+            self.writer = SafetensorsFileWriter(self.blob.file, layout)
+        except BaseException:
+            self.blob.abort()
+            raise
+
+    def feed(self, chunk: bytes) -> None:
+        for info, tensor in self.parser.feed(chunk):
+            _check_finite(info.name, tensor)
+            self.writer.write(info.name, tensor)
+
+    def finish(self) -> None:
+        self.parser.finish()
+        self.writer.close()
+        self.blob.commit()
+        self.committed = True
+
+    def abort(self) -> None:
+        """Leave no trace: the partial blob, or the whole one when the upload failed after it."""
+        self.writer.abort()
+        self.blob.abort()
+        if self.committed:
+            self.files.delete(self.name)
+
+
+class Uploads:
+    def __init__(self, ctx: ServerContext, work: WorkProtocol, lifecycle: Lifecycle):
+        self.ctx, self.work, self.lifecycle = ctx, work, lifecycle
+
+    def delta_layout(self, job_id: str, round_: int) -> list[TensorInfo]:
+        """What an upload must contain: every tensor of the copy, in float32."""
+        layout = published_layout(self.ctx.files(job_id), round_, {})
+        return [TensorInfo(i.name, "F32", i.shape) for i in layout]
+
+    async def receive(self, token: str, lease_id: str, chunks: AsyncIterable[bytes], declared: int | None) -> Spooled:
+        """Validate and spool an upload; nothing touches S0/S1 yet."""
+        spool = await run_in_threadpool(self._open, token, lease_id, declared)
+        try:
+            async for chunk in _idle_timeout(chunks, self.ctx.settings.upload_idle_timeout_s):
+                await run_in_threadpool(spool.feed, chunk)
+            await run_in_threadpool(spool.finish)
+            # the whole delta is in: renew the lease so a merge queued behind others does not outlive it
+            await run_in_threadpool(self.ctx.store.extend_lease, spool.lease.id, self.ctx.settings.lease_ttl_s)
+        except BaseException:
+            spool.abort()  # closes and unlinks a file: short enough for the loop, and safe when cancelled
+            raise
+        return Spooled(spool.lease, spool.name)
+
+    def _open(self, token: str, lease_id: str, declared: int | None) -> _Spool:
+        lease = self.work.live_lease(token, lease_id)
+        layout = self.delta_layout(lease.job_id, lease.round)
+        expected = total_size(layout)
+        if declared is not None and declared > expected:
+            raise PayloadTooLarge(f"upload of {declared} bytes exceeds the {expected} bytes a float32 delta of this model takes")
+        return _Spool(self.ctx.files(lease.job_id), lease, layout, self.ctx.settings.max_header_bytes)
+
+    def merge(self, spooled: Spooled) -> UploadAccepted:
+        """Fold a spooled upload into the round, atomically; steps the round when it is complete."""
+        files = self.ctx.files(spooled.lease.job_id)
+        try:
+            with self.ctx.lock(spooled.lease.job_id):
+                lease = self.work.check_current(spooled.lease)
+                job = self.ctx.job(lease.job_id)
+                settings = job.spec.settings
+                rnd = self.ctx.store.round(job.id, lease.round)
+                s0, s1 = merge_spooled(
+                    files, self.ctx.key(job.id), settings, lease.round, lease.k, spooled.name, rnd.s0, rnd.accepted
+                )
+                try:
+                    self.ctx.store.accept_copy(lease, s0, s1.rsplit("/", 1)[-1])
+                except BaseException:
+                    files.delete(s1)  # never committed: the round keeps its previous S1
+                    raise
+                if rnd.accepted:
+                    files.delete(files.s1(lease.round, rnd.accepted))
+                log.info("job %s round %d: accepted %s (%d/%d)", job.id, lease.round, lease.id, rnd.accepted + 1,
+                         settings.copies_m)
+                if rnd.accepted + 1 == settings.copies_m and settings.auto_advance:
+                    self.lifecycle.step(self.ctx.job(job.id))
+        finally:
+            files.delete(spooled.name)
+        job = self.ctx.job(spooled.lease.job_id)
+        return UploadAccepted(job_state=job.state, round=job.round)
+
+
+async def _idle_timeout(chunks: AsyncIterable[bytes], seconds: float) -> AsyncIterator[bytes]:
+    """The chunks, or RequestTimeout when the client sends nothing for `seconds`."""
+    iterator = chunks.__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(iterator.__anext__(), seconds)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"upload stalled: nothing received for {seconds:g} s; send the delta again") from None
+        yield chunk
+
+
+def _check_finite(name: str, tensor: torch.Tensor) -> None:
+    if not torch.isfinite(tensor).all():
+        raise InvalidInput(f"tensor {name} has NaN or Inf values: upload finite deltas")
