@@ -100,7 +100,7 @@ def run_round(m: int, workers: int, model_dir: Path, delta: Path, tmp: Path) -> 
                           timeout=600.0) as http:
             admin = AdminAPI(http)
             pum = {"copies_m": m, "rounds_R": 1, "noise_kappa": 0.01, "seed": 0}
-            job_id = admin.create_job(f"bench-m{m}", str(model_dir.resolve()), pum, {})["id"]
+            job_id = admin.create_job(f"bench-m{m}", str(model_dir.resolve()), pum, {}).id
             tokens = [admin.issue_token(job_id, f"bench-{i}") for i in range(workers)]
             errors: list[str] = []
             threads = [threading.Thread(target=fake_worker, args=(server.url, t, delta, errors, f"worker-{i}"))
@@ -118,8 +118,8 @@ def run_round(m: int, workers: int, model_dir: Path, delta: Path, tmp: Path) -> 
             for thread in threads:
                 thread.join()
         peak_kb = proc_status_kb(pid, "VmHWM")
-    if errors or status["state"] != "finalized":
-        raise RuntimeError(f"m={m}: job ended {status['state']} ({status.get('error')}); {errors}; "
+    if errors or status.state != "finalized":
+        raise RuntimeError(f"m={m}: job ended {status.state} ({status.error}); {errors}; "
                            f"server log: {run_dir / 'server.log'}")
     return {"m": m, "peak_rss_mb": round(peak_kb / 1024, 1), "idle_rss_mb": round(idle_kb / 1024, 1),
             "round_s": round(round_s, 1)}

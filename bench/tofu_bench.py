@@ -324,7 +324,8 @@ class Bench:
         """One job through the real server and worker processes; returns the downloaded merged model."""
         import torch
 
-        from pum.client.admin import END_STATES, AdminAPI
+        from pum.client.admin import AdminAPI
+        from pum.common.states import END_STATES, JobAction, JobState
         from pum.client.cli import http_client
         from pum.demo.cluster import start_worker
 
@@ -338,7 +339,7 @@ class Bench:
         gpus = torch.cuda.device_count() if a.device != "cpu" else 0
         with http_client(server.url, server.admin_token) as http:
             admin = AdminAPI(http)
-            job = admin.create_job(task, str(self.target), pum, self.hyperparams(method))["id"]
+            job = admin.create_job(task, str(self.target), pum, self.hyperparams(method)).id
             workers = []
             try:
                 for i in range(a.workers):
@@ -347,26 +348,26 @@ class Bench:
                         server.url, admin.issue_token(job, f"{name}-w{i}"), self.forget_file, self.retain_file,
                         self.out / "pum" / "saves", log_path=self.out / "logs" / f"{name}_worker{i}.log",
                         threads=a.worker_threads, extra_args=extra))
-                admin.action(job, "start")
+                admin.action(job, JobAction.START)
                 deadline = time.monotonic() + a.pum_timeout
                 last_round = None
                 while True:
                     status = admin.status(job)
-                    if status["state"] in END_STATES:
+                    if status.state in END_STATES:
                         break
-                    if status["round"] != last_round:
-                        log.info("%s: job %s round %s of %d", name, job, status["round"], a.rounds)
-                        last_round = status["round"]
+                    if status.round != last_round:
+                        log.info("%s: job %s round %s of %d", name, job, status.round, a.rounds)
+                        last_round = status.round
                     if all(w.poll() is not None for w in workers):
-                        admin.action(job, "abort")
-                        raise RuntimeError(f"every worker exited while the job was {status['state']}; "
+                        admin.action(job, JobAction.ABORT)
+                        raise RuntimeError(f"every worker exited while the job was {status.state}; "
                                            f"see {self.out / 'logs'}/{name}_worker*.log")
                     if time.monotonic() > deadline:
-                        admin.action(job, "abort")
+                        admin.action(job, JobAction.ABORT)
                         raise TimeoutError(f"job {job} not finished after {a.pum_timeout:g} s")
                     time.sleep(1.0)
-                if status["state"] != "finalized":
-                    raise RuntimeError(f"job {job} ended {status['state']}: {status.get('error')}")
+                if status.state is not JobState.FINALIZED:
+                    raise RuntimeError(f"job {job} ended {status.state}: {status.error}")
                 folder = self.out / "models" / name
                 shutil.rmtree(folder, ignore_errors=True)
                 return admin.download_model(job, folder)

@@ -8,40 +8,48 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import httpx
+from pydantic import TypeAdapter
 
-from .api import raise_for_status
+from pum.common.schemas import JobCreate, JobStatus, JobSummary, ModelFiles, PrivacyReport, TokenCreate, TokenIssued
+from pum.common.states import END_STATES, JobAction
+
+from .api import parse, raise_for_status
 from .job_file import load_job_file  # noqa: F401  (re-exported: callers import it from here)
 from .progress import BarFactory, byte_bar
 
-END_STATES = ("finalized", "aborted", "failed")
+_JOB_LIST = TypeAdapter(list[JobSummary])
 
 
 class AdminAPI:
     def __init__(self, http: httpx.Client):
         self.http = http
 
-    def create_job(self, task: str, model_dir: str, pum: Mapping[str, Any], hyperparams: Mapping[str, Any]) -> dict:
-        body = {"task": task, "model_dir": model_dir, "pum": dict(pum), "hyperparams": dict(hyperparams)}
-        return raise_for_status(self.http.post("/v1/jobs", json=body)).json()
+    def create_job(self, task: str, model_dir: str, pum: Mapping[str, Any], hyperparams: Mapping[str, Any]) -> JobStatus:
+        body = JobCreate(task=task, model_dir=model_dir, pum=dict(pum), hyperparams=dict(hyperparams))
+        return parse(self.http.post("/v1/jobs", json=body.model_dump()), JobStatus)
 
-    def jobs(self) -> list[dict]:
-        return raise_for_status(self.http.get("/v1/jobs")).json()
+    def jobs(self) -> list[JobSummary]:
+        return parse(self.http.get("/v1/jobs"), _JOB_LIST)
 
-    def status(self, job_id: str) -> dict:
-        return raise_for_status(self.http.get(f"/v1/jobs/{job_id}")).json()
+    def status(self, job_id: str) -> JobStatus:
+        return parse(self.http.get(f"/v1/jobs/{job_id}"), JobStatus)
 
-    def action(self, job_id: str, action: str) -> dict:
+    def action(self, job_id: str, action: JobAction | str) -> JobStatus:
         """start, pause, resume, abort, advance or finalize."""
-        return raise_for_status(self.http.post(f"/v1/jobs/{job_id}/{action}")).json()
+        return parse(self.http.post(f"/v1/jobs/{job_id}/{JobAction(action)}"), JobStatus)
 
     def issue_token(self, job_id: str, label: str = "worker") -> str:
-        return raise_for_status(self.http.post(f"/v1/jobs/{job_id}/tokens", json={"label": label})).json()["token"]
+        reply = parse(self.http.post(f"/v1/jobs/{job_id}/tokens", json=TokenCreate(label=label).model_dump()), TokenIssued)
+        return reply.token
+
+    def privacy(self, job_id: str) -> PrivacyReport:
+        return parse(self.http.get(f"/v1/jobs/{job_id}/privacy"), PrivacyReport)
 
     def download_model(self, job_id: str, dest: Path, bars: BarFactory | None = None) -> Path:
         """Each file of the finalized model into `dest`; `bars(name, size)` makes a progress bar per file."""
         bars = bars or partial(byte_bar, enabled=False)
         dest.mkdir(parents=True, exist_ok=True)
-        for name in raise_for_status(self.http.get(f"/v1/jobs/{job_id}/model")).json()["files"]:
+        for name in parse(self.http.get(f"/v1/jobs/{job_id}/model"), ModelFiles).files:
             with self.http.stream("GET", f"/v1/jobs/{job_id}/model/{name}") as response:
                 if not response.is_success:
                     response.read()
@@ -54,7 +62,8 @@ class AdminAPI:
         return dest
 
     def wait(self, job_id: str, timeout_s: float | None = None, poll_s: float = 0.5,
-             sleep: Callable[[float], None] = time.sleep, on_status: Callable[[dict], None] | None = None) -> dict:
+             sleep: Callable[[float], None] = time.sleep,
+             on_status: Callable[[JobStatus], None] | None = None) -> JobStatus:
         """Poll until the job is finalized, aborted or failed; `on_status` sees every status polled.
 
         No timeout by default: a job runs as long as its rounds take. With `timeout_s`, raises
@@ -65,8 +74,8 @@ class AdminAPI:
             status = self.status(job_id)
             if on_status:
                 on_status(status)
-            if status["state"] in END_STATES:
+            if status.state in END_STATES:
                 return status
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {status['state']} (round {status['round']}) after {timeout_s:g} s")
+                raise TimeoutError(f"job {job_id} still {status.state} (round {status.round}) after {timeout_s:g} s")
             sleep(poll_s)

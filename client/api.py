@@ -12,22 +12,38 @@ from typing import Callable, Iterator
 
 import httpx
 
-from pum.common.errors import Conflict, Forbidden, InvalidInput, LeaseExpired, NotFound, PumError, Unauthorized
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from pum.common.errors import InvalidInput, error_for_status
+from pum.common.schemas import LEASE_REPLY, ErrorBody, Heartbeat, LeaseDone, LeaseGranted, LeaseWait, UploadAccepted
 
 CHUNK = 1 << 20
-_BY_STATUS = {400: InvalidInput, 401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict, 410: LeaseExpired, 413: InvalidInput}
 
 
 def raise_for_status(response: httpx.Response) -> httpx.Response:
-    """Turn a 4xx/5xx answer into the PUM exception of its status, with the server's message."""
+    """Turn a 4xx/5xx answer into the PUM exception of its status (`pum.common.errors.BY_STATUS`),
+    with the server's message."""
     if response.is_success:
         return response
     try:
-        detail = response.json().get("detail", response.text)
-    except ValueError:
+        detail = ErrorBody.model_validate_json(response.content).detail
+    except ValidationError:
         detail = response.text
-    error = _BY_STATUS.get(response.status_code, PumError)
+    error = error_for_status(response.status_code)
     raise error(f"{response.request.method} {response.request.url.path}: {response.status_code} {detail}")
+
+
+def parse(response: httpx.Response, schema: type[BaseModel] | TypeAdapter):
+    """The reply parsed with its wire class (`pum.common.schemas`), after raise_for_status; a reply
+    that is not one is InvalidInput naming what is wrong (a server of another version, or a hostile one)."""
+    body = raise_for_status(response).content
+    try:
+        return schema.validate_json(body) if isinstance(schema, TypeAdapter) else schema.model_validate_json(body)
+    except ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "the body"
+        raise InvalidInput(f"{response.request.method} {response.request.url.path}: the reply does not fit the "
+                           f"wire schema: {where}: {first['msg']}") from None
 
 
 class WorkerAPI:
@@ -37,11 +53,11 @@ class WorkerAPI:
         self.backoff_s = backoff_s
         self.sleep = sleep
 
-    def lease(self) -> dict:
-        return raise_for_status(self.http.post("/v1/work/lease")).json()
+    def lease(self) -> LeaseGranted | LeaseWait | LeaseDone:
+        return parse(self.http.post("/v1/work/lease"), LEASE_REPLY)
 
-    def heartbeat(self, lease_id: str) -> dict:
-        return raise_for_status(self.http.post(f"/v1/work/leases/{lease_id}/heartbeat")).json()
+    def heartbeat(self, lease_id: str) -> Heartbeat:
+        return parse(self.http.post(f"/v1/work/leases/{lease_id}/heartbeat"), Heartbeat)
 
     def release(self, lease_id: str, reason: str) -> None:
         raise_for_status(self.http.post(f"/v1/work/leases/{lease_id}/release", json={"reason": reason[:2000]}))
@@ -99,7 +115,7 @@ class WorkerAPI:
                 return dest
         raise InvalidInput(f"copy download stopped at {received} of {total} bytes after {self.retries} tries")
 
-    def upload_delta(self, lease_id: str, path: Path, progress: Callable[[int], None] | None = None) -> dict:
+    def upload_delta(self, lease_id: str, path: Path, progress: Callable[[int], None] | None = None) -> UploadAccepted:
         """PUT the delta file; transport failures are retried with exponential backoff."""
         size = path.stat().st_size
         for attempt in range(self.retries):
@@ -109,7 +125,7 @@ class WorkerAPI:
                     content=_file_chunks(path, progress),
                     headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
                 )
-                return raise_for_status(response).json()
+                return parse(response, UploadAccepted)
             except httpx.TransportError:
                 if attempt == self.retries - 1:
                     raise

@@ -9,7 +9,8 @@ import sys
 from functools import partial
 from pathlib import Path
 
-ACTIONS = ("start", "pause", "resume", "abort", "advance", "finalize")
+from pum.common.states import ACTIONS, JobAction
+
 JOB_ID_HELP = "the job's id (`pum admin jobs` lists them)"
 
 
@@ -75,8 +76,9 @@ def add_parsers(subparsers) -> None:
     create.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override the file (and the variables): task=…, model_dir=…, pum.NAME=…, "
                              "hyperparams.NAME=… (repeatable)")
-    for name in ("status", *ACTIONS):
-        commands.add_parser(name, help=f"{name} a job" if name != "status" else "show a job").add_argument("job_id", help=JOB_ID_HELP)
+    commands.add_parser("status", help="show a job").add_argument("job_id", help=JOB_ID_HELP)
+    for action in JobAction:
+        commands.add_parser(str(action), help=ACTIONS[action].doc).add_argument("job_id", help=JOB_ID_HELP)
     token = commands.add_parser("token", help="issue a worker token for a job")
     token.add_argument("job_id", help=JOB_ID_HELP)
     token.add_argument("--label", default="worker", help="a name for the worker that gets the token (default worker)")
@@ -157,13 +159,13 @@ def run_admin(args: argparse.Namespace) -> int:
     with http_client(args.server, args.token, args.ca_file) as http:
         api = AdminAPI(http)
         if args.command == "jobs":
-            result = api.jobs()
+            result = [job.model_dump(mode="json") for job in api.jobs()]
         elif args.command == "create":
             spec = load_job_file(Path(args.job_file), overrides=args.overrides)
             result = api.create_job(spec["task"], spec["model_dir"], spec["pum"], spec["hyperparams"])
         elif args.command == "status":
             result = api.status(args.job_id)
-        elif args.command in ACTIONS:
+        elif args.command in set(JobAction):
             result = api.action(args.job_id, args.command)
         elif args.command == "token":
             result = {"token": api.issue_token(args.job_id, args.label)}
@@ -172,6 +174,6 @@ def run_admin(args: argparse.Namespace) -> int:
         else:
             bars = partial(byte_bar, enabled=not args.no_progress)
             result = {"saved": str(api.download_model(args.job_id, Path(args.dest), bars=bars))}
-    json.dump(result, sys.stdout, indent=2)
+    json.dump(result.model_dump(mode="json") if hasattr(result, "model_dump") else result, sys.stdout, indent=2)
     print()
     return 0

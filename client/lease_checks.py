@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from pum.common.codec import MAX_HEADER_BYTES, SafetensorsFile
 from pum.common.model_files import PUBLIC_FILES, code_loading_keys, is_plain_file_name, is_task_name
-from pum.common.schemas import TaskSpec
+from pum.common.schemas import LeaseGranted, TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,10 @@ class Lease:
     public_files: tuple[str, ...]  # the files to download: plain names from PUBLIC_FILES
 
 
-def check_lease(reply: dict) -> Lease:
+def check_lease(reply: LeaseGranted | dict) -> Lease:
     """The lease of a 'leased' reply, or RefusedLease listing every unsafe field."""
+    if isinstance(reply, LeaseGranted):  # parsed already: the types are right, the values are still checked
+        reply = reply.model_dump()
     problems = []
     lease_id, task_name, round_, ttl_s = (reply.get(key) for key in ("lease_id", "task_name", "round", "ttl_s"))
     if not is_lease_id(lease_id):

@@ -7,6 +7,8 @@ from typing import Callable, TextIO
 
 from tqdm import tqdm
 
+from pum.common.schemas import JobStatus
+
 BarFactory = Callable[[str, "int | None"], tqdm]  # (description, total bytes or None) -> a bar
 
 
@@ -20,17 +22,16 @@ def set_total(bar: tqdm, total: int) -> None:
     bar.reset(total=total)
 
 
-def job_progress(status: dict) -> str:
+def job_progress(status: JobStatus) -> str:
     """One line of a job's status: state, round r/R and the copies accepted in the current round."""
-    line = f"job {status['id']} {status['state']}"
-    rounds = status.get("rounds") or []
-    current = next((r for r in rounds if r.get("round") == status.get("round")), rounds[-1] if rounds else None)
-    if status.get("round"):
-        line += f": round {status['round']}/{status.get('rounds_R', '?')}"
+    line = f"job {status.id} {status.state}"
+    current = next((r for r in status.rounds if r.round == status.round), status.rounds[-1] if status.rounds else None)
+    if status.round:
+        line += f": round {status.round}/{status.rounds_R}"
         if current is not None:
-            line += f", copies accepted {current.get('accepted', 0)}/{status.get('copies_m', '?')}"
-    if status.get("error"):
-        line += f" ({status['error']})"
+            line += f", copies accepted {current.accepted}/{status.copies_m}"
+    if status.error:
+        line += f" ({status.error})"
     return line
 
 
@@ -41,7 +42,7 @@ class WaitProgress:
         self.out = out
         self.last: str | None = None
 
-    def __call__(self, status: dict) -> None:
+    def __call__(self, status: JobStatus) -> None:
         line = job_progress(status)
         if line != self.last:
             print(line, file=self.out, flush=True)

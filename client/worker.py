@@ -24,6 +24,7 @@ from pum.common.codec import TensorInfo, save_file_atomic
 from pum.common.errors import PumError
 from pum.common.prompts import QAEncoder
 from pum.common.qa import QAPair
+from pum.common.schemas import LeaseDone, LeaseGranted, LeaseWait
 
 from .api import WorkerAPI
 from .lease_checks import (
@@ -69,11 +70,11 @@ class Worker:
         """Work until the job ends (or max_copies); returns the number of copies uploaded."""
         while self.options.max_copies is None or self.done < self.options.max_copies:
             reply = self.api.lease()
-            if reply["status"] == "done":
-                log.info("job is %s: worker stops after %d copies", reply.get("job_state"), self.done)
+            if isinstance(reply, LeaseDone):
+                log.info("job is %s: worker stops after %d copies", reply.job_state, self.done)
                 break
-            if reply["status"] == "wait":
-                self.sleep(min(float(reply.get("retry_after_s", 1.0)), self.options.poll_s))
+            if isinstance(reply, LeaseWait):
+                self.sleep(min(reply.retry_after_s, self.options.poll_s))
                 continue
             try:
                 self.process(reply)
@@ -82,15 +83,15 @@ class Worker:
             except Exception as err:  # whatever went wrong, the copy goes back to the pool now
                 self._count_failure()
                 if isinstance(err, (PumError, RefusedLease)):  # a refusal by either side: its message says it all
-                    log.warning("copy of lease %.40r failed, giving it back: %s", reply.get("lease_id"), err)
+                    log.warning("copy of lease %.40r failed, giving it back: %s", reply.lease_id, err)
                 else:
-                    log.exception("copy of lease %.40r failed; giving it back", reply.get("lease_id"))
-                self._give_back(reply.get("lease_id"), f"{type(err).__name__}: {err}")
+                    log.exception("copy of lease %.40r failed; giving it back", reply.lease_id)
+                self._give_back(reply.lease_id, f"{type(err).__name__}: {err}")
             if self._failed_in_a_row >= self.options.max_consecutive_failures:
                 raise RuntimeError(f"worker stops: {self._failed_in_a_row} copies failed in a row (see the log above)")
         return self.done
 
-    def process(self, reply: dict) -> dict:
+    def process(self, reply: LeaseGranted) -> dict:
         """One copy from lease to accepted upload; returns the copy's metrics.
 
         The lease is checked before anything is written, the served files before the copy is
@@ -128,7 +129,7 @@ class Worker:
         metrics = {
             "round": lease.round, "task": lease.task_name, "method": lease.task.method, "train": train,
             "seconds": {"download": downloaded - started, "train": trained - downloaded, "upload": time.perf_counter() - trained},
-            "server": result,
+            "server": result.model_dump(mode="json"),
         }
         (copy_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         log.info("round %d copy done in %s: %s", lease.round, copy_dir.name, metrics["seconds"])

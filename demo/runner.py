@@ -22,6 +22,8 @@ from pum.client.admin import AdminAPI
 from pum.client.cli import http_client
 from pum.client.trainer import TrainConfig, run_unlearning
 from pum.common.qa import QAPair, mean_answer_probability
+from pum.common.schemas import JobStatus
+from pum.common.states import JobAction, JobState
 
 from .assets import DemoAssets, build_or_load
 from .cluster import LocalServer, start_worker
@@ -95,7 +97,7 @@ def run_pum(assets: DemoAssets, options: DemoOptions) -> tuple[Path, float]:
             **(dp_settings(assets, options, out) if options.dp_epsilon else {"noise_kappa": options.noise_kappa}),
         }
         hyperparams = {"lr": options.lr, "batch_size": options.batch_size, "seed": options.seed}
-        job = admin.create_job("demo_" + options.forget_split, str(assets.model_dir), pum, hyperparams)["id"]
+        job = admin.create_job("demo_" + options.forget_split, str(assets.model_dir), pum, hyperparams).id
         workers = [
             start_worker(
                 server.url, admin.issue_token(job, f"demo-worker-{i}"), assets.split(options.forget_split),
@@ -104,10 +106,10 @@ def run_pum(assets: DemoAssets, options: DemoOptions) -> tuple[Path, float]:
             for i in range(options.workers)
         ]
         try:
-            admin.action(job, "start")
+            admin.action(job, JobAction.START)
             status = wait_while_workers_live(admin, job, workers, out / "logs")
-            if status["state"] != "finalized":
-                raise RuntimeError(f"PUM job ended {status['state']}: {status.get('error')}; see {out / 'logs'}")
+            if status.state is not JobState.FINALIZED:
+                raise RuntimeError(f"PUM job ended {status.state}: {status.error}; see {out / 'logs'}")
             model_dir = admin.download_model(job, out / "pum_model")
             (out / "privacy.json").write_text(http.get(f"/v1/jobs/{job}/privacy").text)
         finally:
@@ -119,7 +121,7 @@ def run_pum(assets: DemoAssets, options: DemoOptions) -> tuple[Path, float]:
     return model_dir, time.perf_counter() - started
 
 
-def wait_while_workers_live(admin: AdminAPI, job: str, workers, logs: Path, timeout_s: float = 1800.0) -> dict:
+def wait_while_workers_live(admin: AdminAPI, job: str, workers, logs: Path, timeout_s: float = 1800.0) -> JobStatus:
     """The job's final status; RuntimeError as soon as every worker has exited with the job unfinished."""
     deadline = time.monotonic() + timeout_s
     while True:

@@ -6,6 +6,8 @@ import pytest
 
 from pum.client.admin import AdminAPI, load_job_file
 from pum.common.errors import Conflict, InvalidInput
+from pum.common.schemas import JobStatus
+from pum.common.states import JobAction, JobState
 
 
 def write_job(tmp_path, text: str):
@@ -34,12 +36,14 @@ def test_bad_job_files_are_refused_before_anything_is_sent(tmp_path, text, phras
 def test_admin_api_drives_a_job(server, tiny_model_dir, tmp_path):
     admin = AdminAPI(server.admin)
     job = admin.create_job("admin-t", str(tiny_model_dir), {"copies_m": 2}, {})
-    assert [j["id"] for j in admin.jobs()] == [job["id"]]
-    assert admin.action(job["id"], "start")["state"] == "running"
-    assert admin.issue_token(job["id"], "gpu0").startswith("pumw_")
+    assert isinstance(job, JobStatus) and job.state is JobState.CREATED
+    assert [j.id for j in admin.jobs()] == [job.id]
+    assert admin.action(job.id, JobAction.START).state is JobState.RUNNING
+    assert admin.issue_token(job.id, "gpu0").startswith("pumw_")
+    assert admin.privacy(job.id).rounds == 1
     with pytest.raises(Conflict, match="finalized"):
-        admin.download_model(job["id"], tmp_path / "out")
-    assert admin.action(job["id"], "finalize")["state"] == "finalized"
-    files = sorted(p.name for p in admin.download_model(job["id"], tmp_path / "out").iterdir())
+        admin.download_model(job.id, tmp_path / "out")
+    assert admin.action(job.id, "finalize").state is JobState.FINALIZED
+    files = sorted(p.name for p in admin.download_model(job.id, tmp_path / "out").iterdir())
     assert "model.safetensors" in files and "config.json" in files
-    assert admin.wait(job["id"], timeout_s=1)["state"] == "finalized"
+    assert admin.wait(job.id, timeout_s=1).state is JobState.FINALIZED

@@ -13,11 +13,16 @@ from pum.client.admin import AdminAPI
 from pum.client.api import WorkerAPI
 from pum.client.progress import WaitProgress, job_progress
 from pum.client.worker import Worker, WorkerOptions
+from pum.common.schemas import JobStatus
 
 
 def status(state: str, round_: int, accepted: int, error: str | None = None) -> dict:
-    return {"id": "job-1", "state": state, "round": round_, "rounds_R": 2, "copies_m": 4, "error": error,
-            "rounds": [{"round": r, "accepted": accepted if r == round_ else 4} for r in range(1, round_ + 1)]}
+    """A job status reply, as the server sends it."""
+    rounds = [{"round": r, "state": "open" if r == round_ else "merged", "accepted": accepted if r == round_ else 4,
+               "sigmas": {}, "started_at": 0.0, "finished_at": None, "copies": []} for r in range(1, round_ + 1)]
+    return {"id": "job-1", "task": "t", "state": state, "round": round_, "created_at": 0.0, "rounds_R": 2,
+            "copies_m": 4, "error": error, "output_dir": None, "updated_at": 0.0, "settings": {}, "hyperparams": {},
+            "rounds": rounds}
 
 
 def scripted_admin(statuses: list[dict]) -> tuple[AdminAPI, list[int]]:
@@ -31,9 +36,12 @@ def scripted_admin(statuses: list[dict]) -> tuple[AdminAPI, list[int]]:
 
 
 def test_job_progress_line():
-    assert job_progress(status("running", 2, 3)) == "job job-1 running: round 2/2, copies accepted 3/4"
-    assert job_progress(status("created", 0, 0) | {"rounds": []}) == "job job-1 created"
-    assert job_progress(status("failed", 1, 1, "merge failed: disk full")).endswith("(merge failed: disk full)")
+    def line(reply: dict) -> str:
+        return job_progress(JobStatus.model_validate(reply))
+
+    assert line(status("running", 2, 3)) == "job job-1 running: round 2/2, copies accepted 3/4"
+    assert line(status("created", 0, 0) | {"rounds": []}) == "job job-1 created"
+    assert line(status("failed", 1, 1, "merge failed: disk full")).endswith("(merge failed: disk full)")
 
 
 def test_wait_has_no_default_timeout_and_reports_each_change():
@@ -42,7 +50,7 @@ def test_wait_has_no_default_timeout_and_reports_each_change():
     admin, polls = scripted_admin(statuses)
     out = io.StringIO()
     final = admin.wait("job-1", sleep=lambda s: None, on_status=WaitProgress(out))
-    assert final["state"] == "finalized" and len(polls) == 401
+    assert final.state == "finalized" and len(polls) == 401
     assert out.getvalue().splitlines() == [
         "job job-1 running: round 1/2, copies accepted 0/4",
         "job job-1 running: round 1/2, copies accepted 1/4",

@@ -10,6 +10,8 @@ import torch
 
 from pum.client.api import WorkerAPI
 from pum.client.worker import Worker, WorkerOptions
+from pum.common.schemas import UploadAccepted
+from pum.common.states import JobState
 
 
 def run_worker(server, job, forget, retain, tmp_path, **options) -> Worker:
@@ -53,12 +55,12 @@ def test_upload_is_retried_with_backoff_on_transport_errors(tmp_path):
         calls.append(request.read())
         if len(calls) < 3:
             raise httpx.ConnectError("connection refused", request=request)
-        return httpx.Response(200, json={"accepted": True})
+        return httpx.Response(200, json={"accepted": True, "job_state": "running", "round": 1})
 
     delta = tmp_path / "delta.safetensors"
     delta.write_bytes(b"x" * 3000)
     api = WorkerAPI(httpx.Client(transport=httpx.MockTransport(handler), base_url="http://server"), sleep=sleeps.append)
-    assert api.upload_delta("lease-1", delta) == {"accepted": True}
+    assert api.upload_delta("lease-1", delta) == UploadAccepted(job_state=JobState.RUNNING, round=1)
     assert sleeps == [1.0, 2.0]
     assert all(body == b"x" * 3000 for body in calls)  # each retry re-sends the whole file
 

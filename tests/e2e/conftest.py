@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from pum.common.schemas import JobStatus
+from pum.common.states import JobAction
 
-def run_to_end(admin, job: str, workers: list, log_dir, timeout_s: float = 240) -> tuple[dict, list[int], str]:
+
+def run_to_end(admin, job: str, workers: list, log_dir, timeout_s: float = 240) -> tuple[JobStatus, list[int], str]:
     """Start `job`, wait until it ends, then for the workers: (final status, worker exit codes, every *.log)."""
-    admin.action(job, "start")
+    admin.action(job, JobAction.START)
     try:
         status = admin.wait(job, timeout_s=timeout_s, poll_s=0.5)
     finally:

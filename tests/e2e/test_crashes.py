@@ -17,7 +17,7 @@ from pum.client.admin import AdminAPI
 from pum.client.api import WorkerAPI
 from pum.client.cli import http_client
 from pum.common.errors import LeaseExpired
-from pum.demo.assets import tiny_assets
+from pum.common.states import CopyState, JobAction, JobState
 from pum.demo.cluster import LocalServer, start_worker
 
 pytestmark = pytest.mark.e2e
@@ -34,14 +34,14 @@ def worker_api(url: str, token: str) -> WorkerAPI:
 
 
 def create(admin: AdminAPI, model_dir) -> tuple[str, str]:
-    job = admin.create_job("crash", str(model_dir), PUM, {})["id"]
+    job = admin.create_job("crash", str(model_dir), PUM, {}).id
     token = admin.issue_token(job)
-    admin.action(job, "start")
+    admin.action(job, JobAction.START)
     return job, token
 
 
 def lease_copy(api: WorkerAPI) -> tuple[str, bytes]:
-    lease = api.lease()["lease_id"]
+    lease = api.lease().lease_id
     return lease, api.http.get(f"/v1/work/leases/{lease}/copy").content
 
 
@@ -50,8 +50,8 @@ def upload(api: WorkerAPI, lease: str, body) -> httpx.Response:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_assets(tmp_path_factory.mktemp("assets")).model_dir
+def model_dir(demo_assets):
+    return demo_assets[1].model_dir
 
 
 def run_uninterrupted(tmp_path, model_dir) -> bytes:
@@ -64,7 +64,7 @@ def run_uninterrupted(tmp_path, model_dir) -> bytes:
             lease, copy = lease_copy(api)
             assert upload(api, lease, deterministic_delta(copy)).status_code == 200
         status = admin.wait(job, timeout_s=60)
-        assert status["state"] == "finalized"
+        assert status.state is JobState.FINALIZED
         return (tmp_path / "a" / "saves" / "crash" / "model.safetensors").read_bytes()
 
 
@@ -82,20 +82,22 @@ def test_server_killed_mid_round_recovers_the_same_model(tmp_path, model_dir):
             assert upload(api, lease, deterministic_delta(copy)).status_code == 200
         lease, copy = lease_copy(api)
         body = deterministic_delta(copy)
-        half_sent = threading.Event()
+        half_sent, server_dead = threading.Event(), threading.Event()
 
         def interrupted_body():
             yield body[: len(body) // 2]
             half_sent.set()
-            time.sleep(30)  # the server dies meanwhile
+            server_dead.wait(60)
             yield body[len(body) // 2:]
 
         outcome = {}
         uploader = threading.Thread(target=lambda: outcome.setdefault("r", _try(upload, api, lease, interrupted_body())))
         uploader.start()
         assert half_sent.wait(30)
-        time.sleep(0.5)
+        spool = state / "jobs" / job / "spool"
+        until(lambda: spool.is_dir() and any(spool.iterdir()), "the server spools the upload")
         server.kill()  # SIGKILL with an upload in flight
+        server_dead.set()
         uploader.join(60)
         assert isinstance(outcome["r"], httpx.TransportError)
 
@@ -104,11 +106,12 @@ def test_server_killed_mid_round_recovers_the_same_model(tmp_path, model_dir):
             with http_client(restarted.url, restarted.admin_token) as http:
                 admin = AdminAPI(http)
                 status = admin.status(job)
-                assert status["rounds"][0]["accepted"] == 2  # the interrupted upload left no trace
+                assert status.rounds[0].accepted == 2  # the interrupted upload left no trace
+                assert not spool.exists() or not any(spool.iterdir())  # the half upload was dropped
                 assert upload(api, lease, body).status_code == 200  # the same lease, redone
                 assert upload(api, lease, body).status_code == 409  # and counted once
                 final = admin.wait(job, timeout_s=60)
-            assert final["state"] == "finalized" and final["rounds"][0]["accepted"] == 3
+            assert final.state is JobState.FINALIZED and final.rounds[0].accepted == 3
             # copies are granted in random order, so the float32 sums S1 may differ in the last bit
             recovered, uninterrupted = load((saves / "crash" / "model.safetensors").read_bytes()), load(expected)
             assert recovered.keys() == uninterrupted.keys()
@@ -120,6 +123,14 @@ def test_server_killed_mid_round_recovers_the_same_model(tmp_path, model_dir):
         server.stop()
 
 
+def until(condition, what: str, timeout_s: float = 60.0) -> None:
+    """Poll `condition` until it holds (a condition, not a guess at how long something takes)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
+
+
 def _try(function, *args):
     try:
         return function(*args)
@@ -127,45 +138,46 @@ def _try(function, *args):
         return err
 
 
-def test_killed_worker_lease_expires_and_another_worker_finishes(tmp_path):
-    assets = tiny_assets(tmp_path / "assets")
+def test_killed_worker_lease_expires_and_another_worker_finishes(tmp_path, demo_assets):
+    assets = demo_assets[1]
     saves = tmp_path / "saves"
     server = LocalServer(tmp_path / "state", saves, lease_ttl_s=3.0, log_path=tmp_path / "server.log")
     with server, http_client(server.url, server.admin_token) as http:
         admin = AdminAPI(http)
         pum = {"copies_m": 2, "rounds_R": 1, "inner_handler": "GradAscent", "local_max_steps": 1000}
-        job = admin.create_job("wcrash", str(assets.model_dir), pum, {"lr": 1e-5, "batch_size": 4})["id"]
-        admin.action(job, "start")
+        job = admin.create_job("wcrash", str(assets.model_dir), pum, {"lr": 1e-5, "batch_size": 4}).id
+        admin.action(job, JobAction.START)
         dead = worker_api(server.url, admin.issue_token(job, "dead"))
         dead_lease, _ = lease_copy(dead)  # leases and downloads; heartbeats until the victim is killed, then dies
-        alive = threading.Event()
-        alive.set()
+        stopped = threading.Event()
 
         def heartbeats():
-            while alive.is_set():
+            while not stopped.is_set():
                 dead.heartbeat(dead_lease)
-                time.sleep(0.5)
+                stopped.wait(0.5)
 
         threading.Thread(target=heartbeats, daemon=True).start()
         victim = start_worker(server.url, admin.issue_token(job, "victim"), assets.split("forget10"), None, saves,
                               log_path=tmp_path / "victim.log")
-        deadline = time.monotonic() + 60
-        while [c["state"] for c in admin.status(job)["rounds"][0]["copies"]] != ["leased", "leased"]:
-            assert time.monotonic() < deadline and victim.poll() is None, (tmp_path / "victim.log").read_text()[-2000:]
-            time.sleep(0.1)
-        time.sleep(1.0)  # the victim is downloading or training now
+
+        def victim_trains() -> bool:  # its train log opens once the copy is downloaded and loaded
+            assert victim.poll() is None, (tmp_path / "victim.log").read_text()[-2000:]
+            return any((saves / "wcrash").glob("pum_round1_copy*/train_log.jsonl"))
+
+        until(victim_trains, "the victim worker trains on its copy")
+        assert [c.state for c in admin.status(job).rounds[0].copies] == [CopyState.LEASED, CopyState.LEASED]
         victim.kill()
         victim.wait()
-        alive.clear()
+        stopped.set()
 
         survivor = start_worker(server.url, admin.issue_token(job, "survivor"), assets.split("forget10"), None, saves,
                                 log_path=tmp_path / "survivor.log")
         status = admin.wait(job, timeout_s=180)
         assert survivor.wait(timeout=60) == 0
-        assert status["state"] == "finalized", (tmp_path / "survivor.log").read_text()[-2000:]
-        copies = status["rounds"][0]["copies"]
-        assert [c["state"] for c in copies] == ["accepted", "accepted"]
-        assert all(c["leases"] == 2 for c in copies)  # each copy was leased again after its lease expired
+        assert status.state is JobState.FINALIZED, (tmp_path / "survivor.log").read_text()[-2000:]
+        copies = status.rounds[0].copies
+        assert [c.state for c in copies] == [CopyState.ACCEPTED, CopyState.ACCEPTED]
+        assert all(c.leases == 2 for c in copies)  # each copy was leased again after its lease expired
         with pytest.raises(LeaseExpired):
             dead.upload_delta(dead_lease, _write(tmp_path / "late.safetensors", b"late"))
 

@@ -14,15 +14,15 @@ import torch
 from pum.client.admin import AdminAPI
 from pum.client.cli import http_client
 from pum.common.qa import mean_answer_probability
-from pum.demo.assets import tiny_assets
+from pum.common.states import CopyState, JobState
 from pum.demo.cluster import LocalServer, start_worker
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return tiny_assets(tmp_path_factory.mktemp("assets"))
+def assets(demo_assets):
+    return demo_assets[1]
 
 
 def test_job_with_two_worker_processes_completes(tmp_path, assets, job_runner):
@@ -33,17 +33,17 @@ def test_job_with_two_worker_processes_completes(tmp_path, assets, job_runner):
     with server, http_client(server.url, server.admin_token) as http:
         admin = AdminAPI(http)
         pum = {"copies_m": 3, "rounds_R": 2, "noise_kappa": 0.01, "inner_handler": "GradDiff", "local_max_steps": 3}
-        job = admin.create_job("e2e", str(assets.model_dir), pum, {"lr": 1e-3, "batch_size": 8})["id"]
+        job = admin.create_job("e2e", str(assets.model_dir), pum, {"lr": 1e-3, "batch_size": 8}).id
         workers = [
             start_worker(server.url, admin.issue_token(job, f"w{i}"), assets.split("forget10"),
                          assets.split("retain90"), saves, log_path=tmp_path / f"worker{i}.log")
             for i in range(2)
         ]
         status, exit_codes, logs = job_runner(admin, job, workers, tmp_path)
-        assert status["state"] == "finalized", logs[-3000:]
+        assert status.state is JobState.FINALIZED, logs[-3000:]
         assert exit_codes == [0, 0], logs[-3000:]
-        assert [r["accepted"] for r in status["rounds"]] == [3, 3]
-        assert all(c["state"] == "accepted" for r in status["rounds"] for c in r["copies"])
+        assert [r.accepted for r in status.rounds] == [3, 3]
+        assert all(c.state is CopyState.ACCEPTED for r in status.rounds for c in r.copies)
         model_dir = admin.download_model(job, tmp_path / "merged")
 
     merged = AutoModelForCausalLM.from_pretrained(model_dir).eval()

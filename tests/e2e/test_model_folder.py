@@ -38,7 +38,7 @@ def test_a_downloaded_model_folder_completes_a_job_and_exports_a_loadable_model(
     with server, http_client(server.url, server.admin_token) as http:
         admin = AdminAPI(http)
         pum = {"copies_m": 2, "rounds_R": 1, "noise_kappa": 0.01, "inner_handler": "GradAscent", "local_max_steps": 1}
-        job = admin.create_job("downloaded", str(folder), pum, {"lr": 1e-3, "batch_size": 4})["id"]
+        job = admin.create_job("downloaded", str(folder), pum, {"lr": 1e-3, "batch_size": 4}).id
         worker = start_worker(server.url, admin.issue_token(job, "w"), assets.split("forget10"), None, saves,
                               log_path=tmp_path / "worker.log")
         admin.action(job, "start")
@@ -47,9 +47,9 @@ def test_a_downloaded_model_folder_completes_a_job_and_exports_a_loadable_model(
         finally:
             exit_code = worker.wait(timeout=60)
         logs = "\n".join(p.read_text() for p in tmp_path.glob("*.log"))
-        assert status["state"] == "finalized", logs[-3000:]
+        assert status.state == "finalized", logs[-3000:]
         assert exit_code == 0, logs[-3000:]
-        assert all(c["failures"] == 0 for c in status["rounds"][0]["copies"]), status
+        assert all(c.failures == 0 for c in status.rounds[0].copies), status
         merged_dir = admin.download_model(job, tmp_path / "merged")
 
     assert sorted(p.name for p in merged_dir.iterdir()) == [

@@ -39,15 +39,15 @@ def test_npo_preset_with_open_unlearning_names_runs_end_to_end(tmp_path, hf_cach
         admin = AdminAPI(http)
         status = admin.status(job)
         # open-unlearning's names arrived as PUM's; the preset's rounds and epochs are the job's
-        assert status["hyperparams"] == {"lr": 1e-5, "weight_decay": 0.01, "warmup_epochs": 1.0, "batch_size": 32,
+        assert status.hyperparams == {"lr": 1e-5, "weight_decay": 0.01, "warmup_epochs": 1.0, "batch_size": 32,
                                          "schedule": "linear", "optimizer": "adamw", "seed": 0, "beta": 0.1,
                                          "alpha": 1.0, "gamma": 1.0, "retain_loss": "nll"}
-        assert (status["settings"]["inner_handler"], status["rounds_R"], status["settings"]["local_epochs"]) == ("NPO", 2, 10)
+        assert (status.settings["inner_handler"], status.rounds_R, status.settings["local_epochs"]) == ("NPO", 2, 10)
         workers = [start_worker(server.url, admin.issue_token(job, f"w{i}"), assets.split("forget10"),
                                 assets.split("retain90"), saves, log_path=tmp_path / f"worker{i}.log") for i in range(2)]
         status, exit_codes, logs = job_runner(admin, job, workers, tmp_path, timeout_s=300)
-        assert status["state"] == "finalized" and exit_codes == [0, 0], logs[-3000:]
-        assert [r["accepted"] for r in status["rounds"]] == [4, 4]
+        assert status.state == "finalized" and exit_codes == [0, 0], logs[-3000:]
+        assert [r.accepted for r in status.rounds] == [4, 4]
         merged = AutoModelForCausalLM.from_pretrained(admin.download_model(job, tmp_path / "merged"))
     original = assets.load_model()
     assert any(not torch.equal(t, original.state_dict()[n]) for n, t in merged.state_dict().items())
