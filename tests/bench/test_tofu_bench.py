@@ -141,12 +141,14 @@ def test_forget_quality_floor_is_marked(tofu_bench):
     assert tofu_bench.format_fq({"forget_quality": 1.0, "forget_quality_is_floor": False}) == "1.0"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("script", ["tofu_unlearn.sh", "tofu_pum.sh", "tofu_common.sh"])
 def test_scripts_parse(script):
     done = subprocess.run(["bash", "-n", str(REPO / "scripts" / script)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.e2e  # it builds the TEST_SPEC models (about 20 s here), shared with the e2e tests of this file
 def test_print_models_gives_shell_assignments(tofu_bench, cpu_models, capsys):
     """What the scripts eval when MODEL_DIR is not set: the cached CPU models' folders."""
     data, cache = cpu_models

@@ -94,6 +94,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.e2e  # `pum` runs as a process
 @pytest.mark.parametrize("argv", [
     ["admin", "--server", "http://127.0.0.1:{port}", "jobs"],
     ["admin", "--server", "http://127.0.0.1:{port}", "wait", "job-1"],

@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import time
 
 import pytest
 import torch
@@ -15,17 +14,15 @@ from pum.demo.tiny_model import build_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("demo-cache")
-    start = time.perf_counter()
-    assets = tiny_assets(cache)
-    return cache, assets, time.perf_counter() - start
+def built(demo_assets):
+    """The session's tiny assets: the first call of tiny_assets on their cache built them."""
+    return demo_assets
 
 
-def test_tiny_assets_build_quickly_and_completely(built):
-    _, assets, seconds = built
+def test_tiny_assets_build_completely(built):
+    """(How long the build takes is a measurement, not a test: `pum demo` prints it.)"""
+    _, assets = built
     assert assets.built
-    assert seconds < 20, f"tiny_assets took {seconds:.1f} s; tests rely on < 20 s"
     assert (assets.root / MARKER).is_file()
     assert (assets.model_dir / "model.safetensors").is_file()
     for stem in ("full", "forget10", "retain90", "holdout10", "forget10_perturbed", "retain_perturbed"):
@@ -35,7 +32,7 @@ def test_tiny_assets_build_quickly_and_completely(built):
 
 
 def test_fine_tuned_model_beats_the_untrained_one(built):
-    _, assets, _ = built
+    _, assets = built
     tokenizer = assets.load_tokenizer()
     model = assets.load_model()
     pairs = assets.pairs("full")
@@ -48,12 +45,10 @@ def test_fine_tuned_model_beats_the_untrained_one(built):
 
 
 def test_second_call_loads_the_cache_without_training(built):
-    cache, first, _ = built
+    cache, first = built
     marker_mtime = (first.root / MARKER).stat().st_mtime_ns
     weights_mtime = (first.model_dir / "model.safetensors").stat().st_mtime_ns
-    start = time.perf_counter()
     again = tiny_assets(cache)
-    assert time.perf_counter() - start < 1.0
     assert not again.built and again == first
     assert (again.root / MARKER).stat().st_mtime_ns == marker_mtime
     assert (again.model_dir / "model.safetensors").stat().st_mtime_ns == weights_mtime

@@ -22,6 +22,7 @@ import pytest
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 SCRIPTS = sorted(DEPLOY.glob("*.sh"))
 ALL_SCRIPTS = sorted(DEPLOY.rglob("*.sh"))  # with the podman scripts, which no compose service runs
+pytestmark = pytest.mark.e2e  # every test here runs a process: sh, shellcheck, a script, a server
 
 
 def shellcheck() -> str:

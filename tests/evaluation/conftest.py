@@ -7,10 +7,8 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
-def assets(tmp_path_factory):
-    from pum.demo.assets import tiny_assets
-
-    return tiny_assets(tmp_path_factory.mktemp("eval-assets"))
+def assets(demo_assets):
+    return demo_assets[1]
 
 
 @pytest.fixture(scope="session")

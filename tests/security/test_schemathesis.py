@@ -19,7 +19,6 @@ command line, admin operations, then worker operations with a worker token of a 
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
@@ -35,7 +34,6 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 )
 
 MAX_EXAMPLES = 20
-BUDGET_S = 80.0
 CHECKS = [not_a_server_error, response_schema_conformance, content_type_conformance, response_headers_conformance]
 FUZZ_SETTINGS = settings(
     max_examples=MAX_EXAMPLES, deadline=None, database=None, derandomize=not os.environ.get("PUM_FUZZ_RANDOM"),
@@ -44,7 +42,6 @@ FUZZ_SETTINGS = settings(
 
 
 def test_every_operation_survives_fuzzing(server, tiny_model_dir):
-    started = time.monotonic()
     job = server.create_job(tiny_model_dir, {"copies_m": 2, "rounds_R": 1})
     worker_token = server.token(job)
     lease_id = server.worker(worker_token).post("/v1/work/lease").json()["lease_id"]
@@ -84,6 +81,5 @@ def test_every_operation_survives_fuzzing(server, tiny_model_dir):
             assert mode is GenerationMode.NEGATIVE and not list(operation.iter_parameters()), label
         except (Exception, FailureGroup) as err:  # collected: one report lists every failing run
             failures[label] = f"{type(err).__name__}: {str(err)[:1500]}"
-        assert time.monotonic() - started < BUDGET_S, f"fuzzing ran past {BUDGET_S:g} s at {label}"
     assert not failures, "\n\n".join(f"{label}:\n{text}" for label, text in failures.items())
     assert calls > len(runs) * 5, calls  # the runs generated requests, not only rejections

@@ -22,7 +22,7 @@ import pytest
 from pum.client.cli import http_client
 from pum.demo.cluster import free_port
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command line")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command line")]
 
 
 def openssl(*args: str, cwd: Path) -> None:
