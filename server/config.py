@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class ServerSettings(BaseSettings):
+    # Each field reads PUM_SERVER_<FIELD> and nothing else, except admin_token: PUM_ADMIN_TOKEN, the one
+    # variable the server and `pum admin` share. Keywords use the field names.
     model_config = SettingsConfigDict(env_prefix="PUM_SERVER_", extra="forbid", frozen=True)
 
     # Where jobs, rounds, secrets and the SQLite database live; a restart on the same folder continues.
@@ -17,8 +19,9 @@ class ServerSettings(BaseSettings):
     saves_dir: Path = Path("saves/unlearn")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    # Bearer token of the admin role; required unless dev_mode.
-    admin_token: SecretStr | None = Field(None, validation_alias=AliasChoices("admin_token", "PUM_ADMIN_TOKEN"))
+    # Bearer token of the admin role; required unless dev_mode. Its alias replaces the prefixed name
+    # (an alias choice "admin_token" would let a bare ADMIN_TOKEN variable in).
+    admin_token: SecretStr | None = Field(None, validation_alias="PUM_ADMIN_TOKEN")
     # Development mode: no admin token needed (never on a reachable interface).
     dev_mode: bool = False
     # A lease not renewed by a heartbeat within this many seconds puts its copy back in the pool.
@@ -35,6 +38,15 @@ class ServerSettings(BaseSettings):
     # TLS: serve HTTPS when both are given.
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _admin_token_keyword(cls, values):
+        """`admin_token=` as a keyword (pydantic's populate_by_name would also read PUM_SERVER_ADMIN_TOKEN)."""
+        if isinstance(values, dict) and "admin_token" in values:
+            values = {**values, "PUM_ADMIN_TOKEN": values["admin_token"]}
+            del values["admin_token"]
+        return values
 
     @model_validator(mode="after")
     def _admin_token_or_dev_mode(self):
