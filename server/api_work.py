@@ -7,7 +7,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from pum.common.errors import InvalidInput
 from pum.common.schemas import Heartbeat, LeaseReply, Release, Released, UploadAccepted
@@ -79,4 +78,4 @@ async def upload_delta(lease_id: str, request: Request, token: WorkerToken, serv
     spooled = await service.uploads.receive(
         token, lease_id, request.stream(), int(declared) if declared and declared.isdigit() else None
     )
-    return await run_in_threadpool(service.uploads.merge, spooled)
+    return await service.uploads.merge(spooled)

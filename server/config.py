@@ -33,6 +33,9 @@ class ServerSettings(BaseSettings):
     # Copies generated at once: each costs a few times the largest tensor of memory, so this caps
     # the server's memory whatever m and the number of workers are; further downloads wait.
     max_concurrent_copies: int = Field(2, ge=1)
+    # Threads that parse, check and merge uploads, at a lower CPU priority than lease and heartbeat
+    # answers (merges of one job run one at a time whatever this is).
+    upload_threads: int = Field(2, ge=1)
     # Threads torch may use for noise generation and merging.
     torch_threads: int = Field(1, ge=1)
     # TLS: serve HTTPS when both are given.

@@ -5,6 +5,7 @@ Every read and write goes through the job's `JobFiles` (layout in `pum.server.jo
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -60,7 +61,7 @@ def dp_noise(
     """σ_ℓ and τ_ℓ for (dp_epsilon, dp_delta) over R rounds and `dp_target`, with this round's C_ℓ
     and realized α. `sizes` d_ℓ per layer group (the job spec's `group_sizes`)."""
     clips = clip_thresholds_for_round(clip_norms, settings, round_) if clip_norms else None
-    alphas = list(draw_alphas(key, round_, settings.copies_m, settings.alpha_min, settings.alpha_max))
+    alphas = list(round_alphas(key, round_, settings.copies_m, settings.alpha_min, settings.alpha_max))
     return calibrate_round(settings, sizes, clips, alphas)
 
 
@@ -136,8 +137,15 @@ def copy_transform(files: JobFiles, key: bytes, settings: PumSettings, round_: i
     return CopyTransform(adapter_for(config), config, key, round_, k)
 
 
+@functools.lru_cache(maxsize=64)
+def round_alphas(key: bytes, round_: int, m: int, alpha_min: float, alpha_max: float) -> tuple[float, ...]:
+    """α_1..α_m of a round, drawn once per process (m keyed hashes: milliseconds for a large m,
+    and every download and merge of the round needs one of them)."""
+    return tuple(draw_alphas(key, round_, m, alpha_min, alpha_max))
+
+
 def copy_noise(key: bytes, settings: PumSettings, round_: int, k: int) -> CopyNoise:
-    alphas = draw_alphas(key, round_, settings.copies_m, settings.alpha_min, settings.alpha_max)
+    alphas = round_alphas(key, round_, settings.copies_m, settings.alpha_min, settings.alpha_max)
     return CopyNoise(key, round_, k, settings.copies_m, alphas[k], settings.jitter_tau, settings.noise_structure)
 
 
@@ -220,7 +228,7 @@ def step(files: JobFiles, key: bytes, spec: JobSpec, round_: int, s0: float, s1:
             files.create(files.theta(round_ + 1)) as out:
         apply_update(theta, s1_file, s0, settings.eta_srv, out.file)
     if spec.clipping:
-        alphas = list(draw_alphas(key, round_, settings.copies_m, settings.alpha_min, settings.alpha_max))
+        alphas = list(round_alphas(key, round_, settings.copies_m, settings.alpha_min, settings.alpha_max))
         with files.read(files.theta_ref(round_)) as ref, files.read(files.clipped_center(round_)) as center, \
                 files.create(files.theta_ref(round_ + 1)) as out:
             def released(info: TensorInfo) -> torch.Tensor:

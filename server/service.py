@@ -78,4 +78,5 @@ class JobService:
         return issue_token(self.context, job_id, label, party)
 
     def close(self) -> None:
+        self.uploads.close()
         self.context.store.close()

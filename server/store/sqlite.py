@@ -1,12 +1,20 @@
-"""The SQLite store (the embedded default): one connection, WAL, synchronous=FULL.
+"""The SQLite store (the embedded default): one connection in WAL mode.
 
 Each public method is one `BEGIN IMMEDIATE … COMMIT` transaction, or one read; a lock serialises
 them on the one connection. Every state column is written with a `WHERE state IN (…)` built from
 the transition tables, so a write the table does not allow matches no row.
+
+Durability: what the round depends on (jobs, rounds, accepted copies) commits with
+synchronous=FULL, so it is on disk when the call returns. Lease bookkeeping (grant, renewal,
+expiry, give-back) commits with synchronous=NORMAL: no fsync, so a lease request does not wait for
+the disk; a power loss may undo the last of these, which only sends a worker back for a new
+lease. The WAL is written in order, so the next FULL commit makes every earlier one durable too:
+a copy's acceptance is never on disk without the grant of its lease.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -73,6 +81,7 @@ class SqliteStore:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._durable = True
         self._db.executescript(SCHEMA)
         for table, columns in ADDED_COLUMNS.items():
             have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
@@ -88,9 +97,12 @@ class SqliteStore:
             self._db.close()
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE … COMMIT, rolled back on any exception."""
+    def _transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE … COMMIT, rolled back on any exception; synced to disk when `durable`."""
         with self._lock:
+            if durable != self._durable:
+                self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                self._durable = durable
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -198,7 +210,7 @@ class SqliteStore:
     # ---- leases ------------------------------------------------------------------------------
     def grant_lease(self, lease_id: str, job_id: str, round_: int, token_hash: str, ttl_s: float,
                     cap: int | None) -> Lease | None:
-        with self._transaction() as db:
+        with self._transaction(durable=False) as db:
             now = self.clock()  # read inside: a lease granted after waiting for the lock gets its full TTL
             job = db.execute("SELECT state, round FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if job is None or job["state"] != JobState.RUNNING.value or job["round"] != round_:
@@ -234,7 +246,7 @@ class SqliteStore:
         return [_lease(r) for r in self._rows("SELECT * FROM leases WHERE job_id = ? ORDER BY rowid", (job_id,))]
 
     def expire_leases(self) -> list[Lease]:
-        with self._transaction() as db:
+        with self._transaction(durable=False) as db:
             rows = db.execute("SELECT * FROM leases WHERE state = ? AND expires_at < ?",
                               (LeaseState.ACTIVE.value, self.clock())).fetchall()
             for row in rows:
@@ -255,7 +267,7 @@ class SqliteStore:
         return bool(changed)
 
     def extend_lease(self, lease_id: str, ttl_s: float) -> bool:
-        with self._transaction() as db:
+        with self._transaction(durable=False) as db:
             changed = db.execute(
                 "UPDATE leases SET expires_at = ? WHERE id = ? AND state = ?",
                 (self.clock() + ttl_s, lease_id, LeaseState.ACTIVE.value),
@@ -263,7 +275,7 @@ class SqliteStore:
         return changed == 1
 
     def release_lease(self, lease_id: str, failed: bool) -> Lease | None:
-        with self._transaction() as db:
+        with self._transaction(durable=False) as db:
             row = db.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
             target = LeaseState.FAILED if failed else LeaseState.RELEASED
             if row is None or not self._end_lease(db, _lease(row), target, failed):
@@ -297,7 +309,13 @@ class SqliteStore:
 
 
 def _job(row: sqlite3.Row) -> Job:
-    return Job(**{**dict(row), "state": JobState(row["state"]), "spec": JobSpec.model_validate_json(row["spec"])})
+    return Job(**{**dict(row), "state": JobState(row["state"]), "spec": _spec(row["spec"])})
+
+
+@functools.lru_cache(maxsize=256)
+def _spec(text: str) -> JobSpec:
+    """A stored spec, parsed once: specs never change, and parsing (with its settings) costs milliseconds."""
+    return JobSpec.model_validate_json(text)
 
 
 def _round(row: sqlite3.Row) -> Round:

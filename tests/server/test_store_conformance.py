@@ -270,10 +270,11 @@ class TestSqliteStore(StoreConformance):
         store = self.make(clock, tmp_path)
         job = self.running_job(store)
         store.accept_copy(store.grant_lease("lease-a", job, 1, "h", TTL, None), 0.5, "s1_1.safetensors")
+        store.grant_lease("lease-b", job, 1, "h", TTL, None)  # lease bookkeeping: committed without an fsync
         store.close()
         reopened = self.make(clock, tmp_path)
         assert reopened.round(job, 1).accepted == 1 and reopened.job(job).state is JobState.RUNNING
-        assert reopened.lease("lease-a").state is LeaseState.DONE
+        assert reopened.lease("lease-a").state is LeaseState.DONE and reopened.lease("lease-b").k == 1
         reopened.close()
 
 
