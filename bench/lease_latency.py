@@ -4,11 +4,14 @@ Starts a real `pum server` (uvicorn) on 127.0.0.1 over a ~3.5 M-parameter Llama 
 delta per upload) and a job whose m copies outlast the run (independent noise: no z̄ to draw).
 Phase 1, idle: a probe asks for a lease and gives it back, --probes times, and times the lease
 call only. Phase 2: a separate process keeps --uploads uploads in flight (each thread leases a
-copy and uploads the fixed delta, again and again) while the probe repeats phase 1. Prints
-p50/p99/max of both phases, how many uploads were in flight at each probe and how many merged,
-then one JSON object as the last line. Exit code 0 when the busy p99 is within --target-ms.
+copy and uploads the fixed delta, again and again, at --rate MB/s like a worker's network link;
+--rate 0 sends as fast as loopback goes, which saturates this machine's two cores and its disk)
+while the probe repeats phase 1. Prints p50/p99/max of both phases, how many uploads were in
+flight at each probe and how many merged, then one JSON object as the last line. Exit code 0
+when the busy p99 is within --target-ms.
 
-    python bench/lease_latency.py [--uploads 16] [--probes 300] [--interval 0.05] [--target-ms 50] [--keep DIR]
+    python bench/lease_latency.py [--uploads 16] [--rate 2] [--probes 300] [--interval 0.05]
+                                  [--target-ms 50] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -49,7 +52,21 @@ def fixed_delta(model_dir: Path) -> bytes:
         return save({i.name: torch.full(tuple(i.shape), 1e-5, dtype=torch.float32) for i in weights.infos})
 
 
-def uploaders(url: str, tokens: list[str], delta_path: str, in_flight, merged, refused, stop) -> None:
+def paced(data: bytes, rate_mb_s: float, chunk: int = 1 << 16):
+    """`data` in chunks at about `rate_mb_s` MB/s (a worker's network link); all at once when 0."""
+    if rate_mb_s <= 0:
+        yield data
+        return
+    started = time.monotonic()
+    for offset in range(0, len(data), chunk):
+        ahead = started + offset / (rate_mb_s * 2**20) - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
+        yield data[offset:offset + chunk]
+
+
+def uploaders(url: str, tokens: list[str], delta_path: str, rate_mb_s: float, in_flight, merged, refused,
+              stop) -> None:
     """Keep len(tokens) uploads going, from a process of its own at a lower CPU priority: in a real
     deployment the workers upload from other machines, and here the load they put on the machine
     (16 threads sending 13 MB each) must not slow the server or the probe more than the uploads do."""
@@ -66,7 +83,8 @@ def uploaders(url: str, tokens: list[str], delta_path: str, in_flight, merged, r
                 with in_flight.get_lock():
                     in_flight.value += 1
                 try:
-                    response = http.put(f"/v1/work/leases/{reply['lease_id']}/delta", content=delta)
+                    response = http.put(f"/v1/work/leases/{reply['lease_id']}/delta", content=paced(delta, rate_mb_s),
+                                        headers={"Content-Length": str(len(delta))})
                 finally:
                     with in_flight.get_lock():
                         in_flight.value -= 1
@@ -124,8 +142,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
             context = multiprocessing.get_context("spawn")
             in_flight, merged, refused = context.Value("i", 0), context.Value("i", 0), context.Value("i", 0)
             stop = context.Event()
-            load = context.Process(target=uploaders, args=(server.url, tokens[1:], str(delta_path), in_flight,
-                                                           merged, refused, stop))
+            load = context.Process(target=uploaders, args=(server.url, tokens[1:], str(delta_path), args.rate,
+                                                           in_flight, merged, refused, stop))
             load.start()
             deadline = time.monotonic() + 120
             while in_flight.value < args.uploads:  # every uploader has its upload going
@@ -143,7 +161,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
         status = admin.get(f"/v1/jobs/{job}").raise_for_status().json()
     idle_s, busy_s_ = summary(idle), summary(busy)
     return {
-        "uploads": args.uploads, "delta_mb": round(delta_path.stat().st_size / 2**20, 1), "probes": args.probes,
+        "uploads": args.uploads, "rate_mb_s_per_upload": args.rate, "delta_mb": round(delta_path.stat().st_size / 2**20, 1),
+        "probes": args.probes,
         "idle": idle_s, "busy": busy_s_, "p99_ratio": round(busy_s_["p99_ms"] / idle_s["p99_ms"], 2),
         "in_flight_at_probe": {"mean": round(float(np.mean(flying)), 1), "min": int(min(flying))},
         "uploads_merged_during_probes": merged_during, "uploads_merged_per_s": round(merged_during / busy_s, 1),
@@ -156,6 +175,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--uploads", type=int, default=16, help="uploads kept in flight (default 16)")
+    parser.add_argument("--rate", type=float, default=2.0,
+                        help="MB/s each upload is sent at, a worker's link (default 2; 0: as fast as loopback goes)")
     parser.add_argument("--probes", type=int, default=300, help="lease calls timed per phase (default 300)")
     parser.add_argument("--interval", type=float, default=0.05, help="seconds between probes (default 0.05)")
     parser.add_argument("--copies", type=int, default=2000, help="copies m of the job: enough for the run (default 2000)")
@@ -175,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         s = result[phase]
         print(f"lease, {phase:4s}: n={s['n']}  p50 {s['p50_ms']:7.2f} ms  p99 {s['p99_ms']:7.2f} ms  max {s['max_ms']:7.2f} ms")
     flying = result["in_flight_at_probe"]
-    print(f"uploads in flight at each busy probe: mean {flying['mean']}, min {flying['min']} "
-          f"(target {args.uploads}); {result['uploads_merged_during_probes']} merged meanwhile "
+    print(f"uploads in flight at each busy probe: mean {flying['mean']}, min {flying['min']} (target {args.uploads}, "
+          f"each sent at {args.rate:g} MB/s); {result['uploads_merged_during_probes']} merged meanwhile "
           f"({result['uploads_merged_per_s']}/s, {result['delta_mb']} MB each), {result['uploads_refused']} refused")
     print(f"busy p99 / idle p99 = {result['p99_ratio']}; busy p99 within {args.target_ms:g} ms: {result['ok']} "
           f"(1-min load average {result['load_average_1min'][0]} → {result['load_average_1min'][1]} on {result['cpus']} CPUs)")

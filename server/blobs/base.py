@@ -63,16 +63,55 @@ class Faults:
 class BlobWriter(ABC):
     """A blob being written: fill `file`, then `commit` (atomic, durable) or `abort` (no trace).
 
-    As a context manager it commits on success and aborts on an exception.
+    As a context manager it commits on success and aborts on an exception. `commit` is the same
+    sequence in every backend — flush, sync the data, publish (the atomic rename), sync the
+    folder — with the fault checks at the same points; a backend supplies the steps.
     """
 
     file: BinaryIO
 
-    @abstractmethod
-    def commit(self) -> None: ...
+    def __init__(self, key: str, durable: bool, faults: Faults):
+        self.key, self.durable, self.faults = key, durable, faults
+        self._done = False
+
+    def _flush(self) -> None:
+        """Everything written so far reaches the backend."""
+
+    def _sync(self) -> None:
+        """The data is on stable storage (durable writes only)."""
 
     @abstractmethod
-    def abort(self) -> None: ...
+    def _publish(self) -> None:
+        """Atomically replace the blob with what was written."""
+
+    def _sync_folder(self) -> None:
+        """The blob's name is on stable storage (durable writes only)."""
+
+    @abstractmethod
+    def _discard(self) -> None:
+        """Drop what was written (nothing was published)."""
+
+    def commit(self) -> None:
+        if self._done:
+            return
+        try:
+            self._flush()
+            if self.durable:
+                self.faults.check("fsync", self.key)
+                self._sync()
+            self.faults.check("rename", self.key)
+            self._publish()
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        if self.durable:  # a failure now is reported, but the blob holds the whole new content
+            self.faults.check("fsync_dir", self.key)
+            self._sync_folder()
+
+    def abort(self) -> None:
+        self._done = True
+        self._discard()
 
     def __enter__(self) -> BlobWriter:
         return self

@@ -41,37 +41,28 @@ class _CheckedFile:
 
 class LocalWriter(BlobWriter):
     def __init__(self, store: LocalBlobStore, key: str, private: bool, durable: bool):
-        self.store, self.key, self.durable = store, key, durable
+        super().__init__(key, durable, store.faults)
         self.target = store.path(key)
         store.make_folder(self.target.parent, durable)
         self.temporary = self.target.with_name(f".{self.target.name}.{secrets.token_hex(4)}.tmp")
         fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o666)
         self._raw = os.fdopen(fd, "wb")
         self.file = _CheckedFile(self._raw, store.faults, key)
-        self._done = False
 
-    def commit(self) -> None:
-        if self._done:
-            return
-        faults = self.store.faults
-        try:
-            self._raw.flush()
-            if self.durable:
-                faults.check("fsync", self.key)
-                os.fsync(self._raw.fileno())
-            self._raw.close()
-            faults.check("rename", self.key)
-            os.replace(self.temporary, self.target)
-        except BaseException:
-            self.abort()
-            raise
-        self._done = True
-        if self.durable:
-            faults.check("fsync_dir", self.key)
-            fsync_folder(self.target.parent)
+    def _flush(self) -> None:
+        self._raw.flush()
 
-    def abort(self) -> None:
-        self._done = True
+    def _sync(self) -> None:
+        os.fsync(self._raw.fileno())
+
+    def _publish(self) -> None:
+        self._raw.close()
+        os.replace(self.temporary, self.target)
+
+    def _sync_folder(self) -> None:
+        fsync_folder(self.target.parent)
+
+    def _discard(self) -> None:
         self._raw.close()
         self.temporary.unlink(missing_ok=True)
 

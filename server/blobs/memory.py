@@ -23,29 +23,15 @@ class _Buffer(io.BytesIO):
 
 class MemoryWriter(BlobWriter):
     def __init__(self, store: MemoryBlobStore, key: str, durable: bool):
-        self.store, self.key, self.durable = store, key, durable
+        super().__init__(key, durable, store.faults)
+        self.store = store
         self.file = _Buffer(store.faults, key)
-        self._done = False
 
-    def commit(self) -> None:
-        if self._done:
-            return
-        faults = self.store.faults
-        try:
-            if self.durable:
-                faults.check("fsync", self.key)
-            faults.check("rename", self.key)
-        except BaseException:
-            self.abort()
-            raise
+    def _publish(self) -> None:
         with self.store.lock:
             self.store.blobs[self.key] = self.file.getvalue()
-        self._done = True
-        if self.durable:
-            faults.check("fsync_dir", self.key)
 
-    def abort(self) -> None:
-        self._done = True
+    def _discard(self) -> None:
         self.file.close()
 
 

@@ -4,11 +4,12 @@ Each public method is one `BEGIN IMMEDIATE … COMMIT` transaction, or one read;
 them on the one connection. Every state column is written with a `WHERE state IN (…)` built from
 the transition tables, so a write the table does not allow matches no row.
 
-Durability: what the round depends on (jobs, rounds, accepted copies) commits with
-synchronous=FULL, so it is on disk when the call returns. Lease bookkeeping (grant, renewal,
-expiry, give-back) commits with synchronous=NORMAL: no fsync, so a lease request does not wait for
-the disk; a power loss may undo the last of these, which only sends a worker back for a new
-lease. The WAL is written in order, so the next FULL commit makes every earlier one durable too:
+Durability: what the round depends on (jobs, rounds, accepted copies) is on disk when the call
+returns: the transaction commits, the lock is released, then the write-ahead log is fsynced —
+what synchronous=FULL does, but without holding the lock through the fsync, so a lease request
+never waits for the disk behind another call's commit. Lease bookkeeping (grant, renewal, expiry,
+give-back) is not synced at all: a power loss may undo the last of these, which only sends a
+worker back for a new lease. The log is written in order, so a sync covers every earlier commit:
 a copy's acceptance is never on disk without the grant of its lease.
 """
 
@@ -80,8 +81,8 @@ class SqliteStore:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._durable = True
+        self._db.execute("PRAGMA synchronous=NORMAL")  # the durable commits sync the log themselves
+        self._path, self._wal = path, path.with_name(path.name + "-wal")
         self._db.executescript(SCHEMA)
         for table, columns in ADDED_COLUMNS.items():
             have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
@@ -98,11 +99,8 @@ class SqliteStore:
 
     @contextmanager
     def _transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE … COMMIT, rolled back on any exception; synced to disk when `durable`."""
+        """BEGIN IMMEDIATE … COMMIT, rolled back on any exception; on disk at exit when `durable`."""
         with self._lock:
-            if durable != self._durable:
-                self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-                self._durable = durable
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -110,6 +108,23 @@ class SqliteStore:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+        if durable:
+            self._sync_log()
+
+    def _sync_log(self) -> None:
+        """fsync the write-ahead log: every transaction committed so far is on disk. (A checkpoint
+        copies the log into the database and syncs both itself; when no log file exists, the
+        database file holds everything.)"""
+        for path in (self._wal, self._path):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return
 
     def _rows(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:

@@ -278,6 +278,23 @@ class TestSqliteStore(StoreConformance):
         reopened.close()
 
 
+    def test_round_state_is_synced_to_disk_and_lease_bookkeeping_is_not(self, clock, tmp_path, monkeypatch):
+        """What a crash must not undo (an accepted copy) is fsynced before the call returns; a
+        grant is not (a lost grant only sends a worker back for a new lease)."""
+        import os
+
+        store = self.make(clock, tmp_path)
+        job = self.running_job(store)
+        synced, real_fsync = [], os.fsync
+        monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_ino), real_fsync(fd)))
+        lease = store.grant_lease("lease-a", job, 1, "h", TTL, None)
+        store.extend_lease(lease.id, TTL)
+        assert synced == []
+        store.accept_copy(lease, 0.5, "s1_1.safetensors")
+        assert (tmp_path / "state.db-wal").stat().st_ino in synced
+        store.close()
+
+
 class TestMemoryStore(StoreConformance):
     def make(self, clock, folder):
         return MemoryStore(clock)
