@@ -22,8 +22,10 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest
 
+# Every test that starts no process (the e2e ones do: tests/test_tiers.py checks the marks), on two
+# processes (pytest-xdist): about 85 s of CPU in all.
 test-fast: venv
-	$(BIN)/python -m pytest -m "not e2e"
+	$(BIN)/python -m pytest -m "not e2e" -n 2
 
 bench: venv
 	$(BIN)/python bench/server_memory.py
