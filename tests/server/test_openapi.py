@@ -91,3 +91,13 @@ def test_the_client_raises_the_exception_of_each_status(status):
     with pytest.raises(PumError, match=f"PUT /v1/work/leases/l/delta: {status} what to change") as caught:
         raise_for_status(response)
     assert type(caught.value) is error_for_status(status)
+
+
+def test_the_wire_privacy_report_has_the_fields_of_the_report():
+    """One fact: the wire model names exactly the report's fields, plus the job's id and state."""
+    import dataclasses
+
+    from pum.common.privacy.report import PrivacyReport as Report
+    from pum.common.schemas import PrivacyReport
+
+    assert set(PrivacyReport.model_fields) == {f.name for f in dataclasses.fields(Report)} | {"job", "state"}

@@ -48,4 +48,4 @@ def test_an_upload_blocks_nothing_on_the_event_loop(server, tiny_model_dir, monk
         what for what, _, _ in during}
     assert [what for what, thread, _ in during if thread == loop_thread] == []
     own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    assert {nice for _, _, nice in during} == {own + 10}  # the upload threads yield the CPU to lease answers
+    assert {nice for _, _, nice in during} == {min(own + 10, 19)}  # they yield the CPU to lease answers
