@@ -128,7 +128,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
     server = LocalServer(tmp / "state", tmp / "saves", lease_ttl_s=600.0, log_path=tmp / "server.log")
     with server, httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.admin_token}"},
                               timeout=120.0) as admin:
-        pum = {"copies_m": args.copies, "rounds_R": 1, "noise_kappa": 0.01, "noise_structure": "independent", "seed": 0}
+        pum = {"copies_m": args.copies, "rounds_R": 1, "noise_kappa": 0.01, "noise_structure": "independent"}
         job = admin.post("/v1/jobs", json={"task": "bench-latency", "model_dir": str(model_dir), "pum": pum,
                                            "hyperparams": {}}).raise_for_status().json()["id"]
         tokens = [admin.post(f"/v1/jobs/{job}/tokens", json={"label": f"t{i}"}).raise_for_status().json()["token"]
