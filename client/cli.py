@@ -34,6 +34,8 @@ def add_parsers(subparsers) -> None:
     worker.add_argument("--forget", required=True, help="forget set: JSON lines with question/answer")
     worker.add_argument("--retain", help="retain set (needed by GradDiff, NPO)")
     worker.add_argument("--saves-dir", default="saves/unlearn", help="per-copy logs go to SAVES/<task>/")
+    worker.add_argument("--carry-dir", help="reference model and optimiser state kept across rounds "
+                        "(default SAVES/carry); workers of one data owner may share it")
     worker.add_argument("--device", help="cuda, cuda:1, cpu (default: the GPU if any)")
     worker.add_argument("--threads", type=int, help="torch CPU threads")
     worker.add_argument("--max-copies", type=int, help="stop after this many copies")
@@ -109,7 +111,8 @@ def run_worker(args: argparse.Namespace) -> int:
     forget = load_qa(args.forget)
     retain = load_qa(args.retain) if args.retain else None
     options = WorkerOptions(
-        saves_dir=Path(args.saves_dir), device=args.device, progress=not args.no_progress, max_copies=args.max_copies,
+        saves_dir=Path(args.saves_dir), carry_dir=Path(args.carry_dir) if args.carry_dir else None,
+        device=args.device, progress=not args.no_progress, max_copies=args.max_copies,
         idk_answers=load_idk_answers(args.idk) if args.idk else None,
     )
     with http_client(args.server, args.token, args.ca_file) as http:

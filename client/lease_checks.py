@@ -38,6 +38,7 @@ class RefusedLease(ValueError):
 class Lease:
     id: str
     task_name: str  # names the folder saves_dir/<task>/
+    job_id: str  # names the data owner's carry folder of the job (pum.client.carry)
     round: int
     ttl_s: float
     task: TaskSpec
@@ -49,11 +50,14 @@ def check_lease(reply: LeaseGranted | dict) -> Lease:
     if isinstance(reply, LeaseGranted):  # parsed already: the types are right, the values are still checked
         reply = reply.model_dump()
     problems = []
-    lease_id, task_name, round_, ttl_s = (reply.get(key) for key in ("lease_id", "task_name", "round", "ttl_s"))
+    lease_id, task_name, job_id, round_, ttl_s = (reply.get(key) for key in ("lease_id", "task_name", "job_id", "round",
+                                                                             "ttl_s"))
     if not is_lease_id(lease_id):
         problems.append(f"lease_id {_short(lease_id)} is not 1–128 letters, digits, '_' or '-'")
     if not is_task_name(task_name):
         problems.append(f"task_name {_short(task_name)} is not one safe folder name (letters, digits, '_', '.', '-')")
+    if not is_task_name(job_id):
+        problems.append(f"job_id {_short(job_id)} is not one safe folder name (letters, digits, '_', '.', '-')")
     if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 1:
         problems.append(f"round {_short(round_)} is not an integer ≥ 1")
     if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not (0 < ttl_s and math.isfinite(ttl_s)):
@@ -73,7 +77,7 @@ def check_lease(reply: LeaseGranted | dict) -> Lease:
         log.warning("lease %s: not downloading %s (a worker needs only config and tokenizer files)", lease_id, skipped)
     task = TaskSpec.model_validate(reply.get("task"))
     kept = tuple(name for name in dict.fromkeys(names) if name in PUBLIC_FILES)
-    return Lease(lease_id, task_name, round_, float(ttl_s), task, kept)
+    return Lease(lease_id, task_name, job_id, round_, float(ttl_s), task, kept)
 
 
 def is_lease_id(value: object) -> bool:

@@ -1,8 +1,10 @@
 """The local unlearning loop a worker runs on its copy: batches, optimiser, schedule, method loss.
 
 `TrainConfig.from_task(task)` turns the server's TaskSpec into a config, `planned_steps` sizes the
-run (auto-balanced over the job's rounds, DESIGN.md §4) and `run_unlearning` trains the model in
-place with the method from `pum.client.methods`.
+run (this round's share of the baseline's T steps, `pum.client.schedule`) and `run_unlearning`
+trains the model in place with the method from `pum.client.methods`. What a data owner carries
+from one round to the next (the job's reference model, the optimiser state) comes in and goes out
+through `Carried` (DESIGN.md §6); `pum.client.carry` keeps it on the worker's disk.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tqdm.auto import tqdm
 from pum.client.methods import frozen_reference, get_method, parse_params
 from pum.client.methods.idk import check_idk_answers
 from pum.common.aliases import canonical_hyperparams
+from pum.client.schedule import lr_factor, round_steps, step_seed, total_steps
 from pum.common.qa import QAPair, collate
 from pum.common.schemas import TaskSpec
 
@@ -32,7 +35,8 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "linear")
 # TaskSpec.hyperparams keys that configure the loop; every other key is a method parameter.
 TRAINER_KEYS = ("lr", "optimizer", "weight_decay", "batch_size", "warmup_steps", "warmup_epochs", "schedule",
-                "max_length", "seed")
+                "max_length", "seed", "max_grad_norm", "carry_reference", "carry_optimizer", "global_schedule")
+_FLAGS = ("carry_reference", "carry_optimizer", "global_schedule")
 
 
 @dataclass(frozen=True)
@@ -47,11 +51,16 @@ class TrainConfig:
     max_steps: int | None = None  # steps of this run; None = auto-balance (see planned_steps)
     rounds: int = 1  # rounds R of the PUM job; the epoch budget is split over them
     round: int = 1  # which of the R rounds this run is: its batches continue where round − 1 stopped
-    warmup_steps: int = 0  # linear warm-up steps before the peak learning rate
+    warmup_steps: int = 0  # linear warm-up steps before the peak learning rate (of the job's T steps)
     warmup_epochs: float | None = None  # warm-up in epochs of the forget set (open-unlearning's): see warmup_steps_for
-    schedule: str = "constant"  # after warm-up: "constant", or "linear" decay towards 0 at the last step
+    schedule: str = "constant"  # after warm-up: "constant", or "linear" decay towards 0 at the job's last step
     max_length: int = 512  # longest tokenized QA pair; prompts are cut from the left beyond it
     seed: int = 0  # seeds the batch order (and any dropout): same inputs and seed → same weights
+    max_grad_norm: float | None = 1.0  # clip the gradient's global L2 norm (HF Trainer, open-unlearning); None: off
+    # What a data owner carries across the rounds of a job (DESIGN.md §6); each can be turned off to measure it.
+    carry_reference: bool = True  # the reference model is the job's first copy, not each round's copy
+    carry_optimizer: bool = True  # the optimiser state continues from round r − 1 (never with reparameterization)
+    global_schedule: bool = True  # round r runs steps [⌊(r−1)T/R⌋, ⌊rT/R⌋) of one schedule; False: ⌈T/R⌉ each, restarted
 
     def __post_init__(self):
         method = get_method(self.method)  # ValueError listing the known names
@@ -71,6 +80,11 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an integer ≥ {least} (got {value!r})")
+        if self.max_grad_norm is not None and (isinstance(self.max_grad_norm, bool) or not self.max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be > 0, or None for no clipping (got {self.max_grad_norm!r})")
+        for name in _FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false (got {getattr(self, name)!r})")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise ValueError(f"max_steps must be None (auto-balance) or an integer ≥ 1 (got {self.max_steps!r})")
         if self.warmup_epochs is not None and (isinstance(self.warmup_epochs, bool) or not self.warmup_epochs >= 0
@@ -85,7 +99,8 @@ class TrainConfig:
         """The config of a server's TaskSpec: loop keys of `hyperparams` go to the loop, the rest to the method.
 
         `round_` is the lease's round (1-based): it places the run's batches after the earlier rounds'.
-        An unknown key is refused with a ValueError listing both sets of allowed keys.
+        An unknown key is refused with a ValueError listing both sets of allowed keys. A reparameterized
+        task turns `carry_optimizer` off.
         """
         method = get_method(task.method)
         hyper = canonical_hyperparams(task.hyperparams)  # open-unlearning's names too (pum.common.aliases)
@@ -97,50 +112,43 @@ class TrainConfig:
                 f"unknown hyperparameter(s) {', '.join(map(repr, unknown))} for method {method.name!r}; "
                 f"allowed: {', '.join(TRAINER_KEYS)} (trainer) and {', '.join(allowed_params) or 'none'} (method)"
             )
-        for key in ("lr", "weight_decay", "warmup_epochs"):
+        for key in ("lr", "weight_decay", "warmup_epochs", "max_grad_norm"):
             if key in loop and isinstance(loop[key], int) and not isinstance(loop[key], bool):
                 loop[key] = float(loop[key])
+        if task.reparameterized and loop.get("carry_optimizer", True):
+            # Each copy comes in its own secret rotated basis: moments from another copy point the wrong way.
+            logger.info("copies are reparameterized: the optimiser state does not carry across copies")
+            loop["carry_optimizer"] = False
         return cls(
             method=method.name, params=hyper, epochs=task.epochs, max_steps=task.max_steps, rounds=task.rounds,
             round=round_, **loop,
         )
 
 
-def planned_steps(config: TrainConfig, n_forget: int) -> int:
-    """Steps of one run: `max_steps` if set, else ceil(epochs · ceil(n_forget / batch_size) / rounds).
+def job_steps(config: TrainConfig, n_forget: int) -> int:
+    """T, the baseline's steps over the job (see `pum.client.schedule.total_steps`)."""
+    return total_steps(config.epochs, n_forget, config.batch_size, config.rounds, config.max_steps)
 
-    The auto-balanced count splits the baseline's budget over the job's R rounds, so PUM with R
-    rounds does the baseline's optimisation work per copy (DESIGN.md §4). Computed in exact
-    rationals (0.3 epochs of 10 batches is 3 steps, not 4).
+
+def steps_of_round(config: TrainConfig, n_forget: int) -> range:
+    """The global steps this run does: round r's share of the job's T steps."""
+    return round_steps(job_steps(config, n_forget), config.rounds, config.round, config.global_schedule)
+
+
+def planned_steps(config: TrainConfig, n_forget: int) -> int:
+    """Steps of this run: ⌊r·T/R⌋ − ⌊(r−1)·T/R⌋ (⌈T/R⌉ with `global_schedule` off; `max_steps` if set).
+
+    Over the job's R rounds a copy does exactly the baseline's T steps (DESIGN.md §4).
     """
-    if config.max_steps is not None:
-        return config.max_steps
-    if n_forget < 1:
-        raise ValueError(f"the forget set is empty (got {n_forget} pairs): there is nothing to unlearn")
-    batches_per_epoch = math.ceil(n_forget / config.batch_size)
-    return max(1, math.ceil(Fraction(repr(float(config.epochs))) * batches_per_epoch / config.rounds))
+    return len(steps_of_round(config, n_forget))
 
 
 def warmup_steps_for(config: TrainConfig, n_forget: int) -> int:
     """`warmup_steps`, or ⌊warmup_epochs · n_forget / batch_size⌋ as open-unlearning computes it (its batch being
-    per-device size × accumulation × devices, PUM's `batch_size`)."""
+    per-device size × accumulation × devices, PUM's `batch_size`). Warm-up is part of the job's one schedule."""
     if config.warmup_epochs is None:
         return config.warmup_steps
     return int(Fraction(repr(float(config.warmup_epochs))) * n_forget // config.batch_size)
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Learning-rate multiplier at 0-based `step` of `total`.
-
-    Warm-up: (step + 1)/(warmup + 1) for step < warmup (never 0, so no step is wasted). Then 1
-    (`constant`), or (total − step)/(total − warmup) (`linear`: 1 right after warm-up, 1/(total −
-    warmup) at the last step).
-    """
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    if schedule == "linear":
-        return max(0.0, (total - step) / max(1, total - warmup))
-    return 1.0
 
 
 def _batches(pairs: list[QAPair], batch_size: int, generator: torch.Generator) -> Iterator[list[QAPair]]:
@@ -151,17 +159,47 @@ def _batches(pairs: list[QAPair], batch_size: int, generator: torch.Generator) -
             yield [pairs[i] for i in order[start : start + batch_size]]
 
 
-def _round_batches(pairs: list[QAPair], config: TrainConfig, seed: int, steps: int) -> Iterator[list[QAPair]]:
-    """This round's share of the seed's batch stream: round r starts after the (r − 1)·steps batches of
-    the rounds before it, so over R rounds a copy sees the baseline's sequence of batches."""
-    stream = _batches(pairs, config.batch_size, torch.Generator().manual_seed(seed))
-    return itertools.islice(stream, (config.round - 1) * steps, None)
+def _stream_from(pairs: list[QAPair], batch_size: int, seed: int, first_step: int) -> Iterator[list[QAPair]]:
+    """The seed's batch stream from global step `first_step` on: round r continues where r − 1 stopped,
+    so over R rounds a copy sees the baseline's sequence of batches."""
+    stream = _batches(pairs, batch_size, torch.Generator().manual_seed(seed))
+    return itertools.islice(stream, first_step, None)
 
 
 def _optimizer(config: TrainConfig, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     if config.optimizer == "adamw":
         return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(parameters, lr=config.lr, weight_decay=config.weight_decay)
+
+
+@dataclass
+class Carried:
+    """What a data owner carries from one round of a job to the next (DESIGN.md §6).
+
+    `reference`: the job's reference model (frozen), or None for a frozen copy of the model as given
+    (round 1, or the baseline). `optimizer_state`: the optimiser's `state_dict()["state"]` at the end
+    of round r − 1, or None to start fresh. `run_unlearning` replaces `optimizer_state` with the state
+    at the end of its run (when `carry_optimizer` is on).
+    """
+
+    reference: torch.nn.Module | None = None
+    optimizer_state: dict | None = None
+
+
+def load_optimizer_state_inplace(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a carried `state_dict()["state"]` into `optimizer`, keeping its own param_groups (lr, betas…).
+
+    ValueError when the state does not fit the parameters (another model, another optimiser).
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    problems = [f"state of parameter {i} but the optimiser has {len(params)}" for i in state if not 0 <= i < len(params)]
+    for i, values in state.items():
+        for key, value in values.items():
+            if torch.is_tensor(value) and value.dim() > 0 and 0 <= i < len(params) and value.shape != params[i].shape:
+                problems.append(f"parameter {i} {key}: shape {tuple(value.shape)} ≠ {tuple(params[i].shape)}")
+    if problems:
+        raise ValueError("the carried optimiser state does not fit this model: " + "; ".join(problems[:5]))
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
 def run_unlearning(
@@ -171,23 +209,27 @@ def run_unlearning(
     retain: list[QAPair] | None,
     config: TrainConfig,
     *,
+    carried: Carried | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
     log: Callable[[dict], None] | None = None,
     idk_answers: Sequence[str] | None = None,
 ) -> dict:
-    """Run the config's unlearning method on `model`, in place, for `planned_steps` steps.
+    """Run the config's unlearning method on `model`, in place, for this round's steps of the job.
 
-    Forget pairs (and retain pairs, cycled independently with the same batch size) are shuffled
-    by generators seeded with `config.seed`; round r > 1 starts after the batches of the rounds
-    before it. One optimiser covers every trainable parameter (a fresh one each round). The
-    reference model, where the method reads one, is a frozen copy of `model` as given. Forget
-    batches are built by the method's `collate_forget`, with a third generator (seed + 2) for any
-    per-batch choice it makes (DPO's "I don't know" answers, taken from `idk_answers` when given,
-    else from the packaged TOFU list). Runs on `device` when given (the model is moved there),
-    else on the model's device. `log` receives {"step", "loss", "lr", "seconds"} after each step.
-    Returns {"steps", "seconds", "first_loss", "last_loss", "method"}. Deterministic: the same
-    model, data, config and idk answers give the same weights.
+    Round r runs the global steps `steps_of_round(config, len(forget))` of one batch stream and one
+    learning-rate schedule over the job's T steps: forget pairs (and retain pairs, cycled
+    independently with the same batch size) are shuffled by generators seeded with `config.seed`,
+    and step s draws its other randomness (dropout; the method's per-batch choices such as DPO's "I
+    don't know" answers, from `idk_answers` or the packaged TOFU list) from `step_seed(seed, s)`.
+    So R rounds run back to back replay the baseline's steps exactly. Gradients are clipped to
+    `max_grad_norm`. One optimiser covers every trainable parameter; it starts from
+    `carried.optimizer_state` when given and `carry_optimizer` is on, and leaves its final state
+    there. The reference model, where the method reads one, is `carried.reference`, else a frozen
+    copy of `model` as given. Runs on `device` when given (the model is moved there), else on the
+    model's device. `log` receives {"step", "global_step", "loss", "lr", "grad_norm", "seconds"}
+    after each step. Returns {"steps", "first_step", "total_steps", "seconds", "first_loss",
+    "last_loss", "method"}.
     """
     method = get_method(config.method)
     params = parse_params(method, config.params)
@@ -204,65 +246,78 @@ def run_unlearning(
     if device is not None:
         model.to(device)
     device = next(model.parameters()).device
-    steps = planned_steps(config, len(forget))
-    reference = frozen_reference(model) if method.uses_reference(params) else None
+    carried = carried if carried is not None else Carried()
+    total = job_steps(config, len(forget))
+    steps = steps_of_round(config, len(forget))
+    # The schedule spans the job (global) or restarts each round over its own steps.
+    schedule_total, schedule_offset = (total, 0) if config.global_schedule else (len(steps), steps.start)
+    warmup = warmup_steps_for(config, len(forget))
+    reference = None
+    if method.uses_reference(params):
+        reference = carried.reference if carried.reference is not None else frozen_reference(model)
+        reference.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters")
     optimizer = _optimizer(config, trainable)
-    warmup = warmup_steps_for(config, len(forget))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup, config.schedule))
-    forget_batches = _round_batches(forget, config, config.seed, steps)
-    retain_batches = _round_batches(retain, config, config.seed + 1, steps) if use_retain else None
-    method_generator = torch.Generator().manual_seed(config.seed + 2)
+    if config.carry_optimizer and carried.optimizer_state:
+        load_optimizer_state_inplace(optimizer, carried.optimizer_state)
+    forget_batches = _stream_from(forget, config.batch_size, config.seed, steps.start)
+    retain_batches = _stream_from(retain, config.batch_size, config.seed + 1, steps.start) if use_retain else None
 
     def on_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in batch.items()}
-
-    def forget_batch_of(pairs: list[QAPair]) -> dict[str, torch.Tensor]:
-        return on_device(
-            method.collate_forget(
-                tokenizer, pairs, params, max_length=config.max_length, generator=method_generator,
-                idk_answers=idk_answers,
-            )
-        )
 
     was_training = model.training
     model.train()
     first_loss = last_loss = float("nan")
     start = time.perf_counter()
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda), tqdm(total=steps, disable=not progress, desc=method.name) as bar:
-        torch.manual_seed(config.seed)
+    with torch.random.fork_rng(devices=cuda), tqdm(total=len(steps), disable=not progress, desc=method.name) as bar:
         try:
-            for step in range(steps):
-                forget_batch = forget_batch_of(next(forget_batches))
+            for local, step in enumerate(steps):
+                seed = step_seed(config.seed, step)
+                torch.manual_seed(seed)
+                forget_batch = on_device(method.collate_forget(
+                    tokenizer, next(forget_batches), params, max_length=config.max_length,
+                    generator=torch.Generator().manual_seed(seed), idk_answers=idk_answers,
+                ))
                 retain_batch = (
                     on_device(collate(tokenizer, next(retain_batches), config.max_length))
                     if retain_batches is not None
                     else None
                 )
+                lr = config.lr * lr_factor(step - schedule_offset, schedule_total, warmup, config.schedule)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)
                 loss = method.loss(model, reference, forget_batch, retain_batch, params)
                 value = loss.item()
                 if not math.isfinite(value):
                     raise FloatingPointError(
-                        f"{method.name} loss is {value} at step {step + 1} of {steps}: lower lr (now {config.lr})"
+                        f"{method.name} loss is {value} at step {local + 1} of {len(steps)}: lower lr (now {config.lr})"
                     )
                 loss.backward()
-                lr = optimizer.param_groups[0]["lr"]
+                grad_norm = (
+                    float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
+                    if config.max_grad_norm is not None else float("nan")
+                )
                 optimizer.step()
-                scheduler.step()
-                if step == 0:
+                if local == 0:
                     first_loss = value
                 last_loss = value
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}")
                 if log is not None:
-                    log({"step": step + 1, "loss": value, "lr": lr, "seconds": time.perf_counter() - start})
+                    log({"step": local + 1, "global_step": step + 1, "loss": value, "lr": lr,
+                         "grad_norm": grad_norm, "seconds": time.perf_counter() - start})
         finally:
             optimizer.zero_grad(set_to_none=True)
             model.train(was_training)
+    if config.carry_optimizer:
+        carried.optimizer_state = optimizer.state_dict()["state"]
     seconds = time.perf_counter() - start
-    logger.info("%s: %d steps in %.1f s, loss %.4f → %.4f", method.name, steps, seconds, first_loss, last_loss)
-    return {"steps": steps, "seconds": seconds, "first_loss": first_loss, "last_loss": last_loss, "method": method.name}
+    logger.info("%s: steps %d–%d of %d in %.1f s, loss %.4f → %.4f", method.name, steps.start + 1, steps.stop, total,
+                seconds, first_loss, last_loss)
+    return {"steps": len(steps), "first_step": steps.start, "total_steps": total, "seconds": seconds,
+            "first_loss": first_loss, "last_loss": last_loss, "method": method.name}

@@ -27,6 +27,7 @@ from pum.common.qa import QAPair
 from pum.common.schemas import LeaseDone, LeaseGranted, LeaseWait
 
 from .api import WorkerAPI
+from .carry import CarryStore, carried_for_copy
 from .lease_checks import (
     MAX_PUBLIC_FILE_BYTES, RefusedLease, check_lease, check_served_files, is_lease_id, load_served_model, read_copy,
 )
@@ -45,6 +46,8 @@ class WorkerOptions:
     poll_s: float = 1.0  # longest wait between lease requests when the server says 'wait'
     idk_answers: tuple[str, ...] | None = None  # "I don't know" lines for DPO (None: TOFU's list)
     max_consecutive_failures: int = 3  # a worker that fails this often in a row stops (it is broken, not unlucky)
+    carry_dir: Path | None = None  # the reference and optimiser state carried across rounds (None: saves_dir/carry);
+    # workers of one data owner may share it (pum.client.carry)
 
 
 def default_device() -> str:
@@ -65,6 +68,7 @@ class Worker:
         self.done = 0
         self.failed = 0
         self._failed_in_a_row = 0
+        self._carry_stores: dict[Path, CarryStore] = {}  # of the jobs this worker has worked on
 
     def run(self) -> int:
         """Work until the job ends (or max_copies); returns the number of copies uploaded."""
@@ -72,6 +76,8 @@ class Worker:
             reply = self.api.lease()
             if isinstance(reply, LeaseDone):
                 log.info("job is %s: worker stops after %d copies", reply.job_state, self.done)
+                for store in self._carry_stores.values():
+                    store.remove()  # the job has ended: nothing more to carry
                 break
             if isinstance(reply, LeaseWait):
                 self.sleep(min(reply.retry_after_s, self.options.poll_s))
@@ -99,6 +105,9 @@ class Worker:
         """
         lease = check_lease(reply)
         config = TrainConfig.from_task(lease.task, round_=lease.round)
+        store = CarryStore.for_job(self.options.carry_dir or self.options.saves_dir / "carry", lease.task_name,
+                                   lease.job_id)
+        self._carry_stores[store.root] = store
         with tempfile.TemporaryDirectory(prefix="pum-copy-") as tmp, _Heartbeat(self.api, lease.id, lease.ttl_s):
             workdir = Path(tmp)
             started = time.perf_counter()
@@ -111,16 +120,20 @@ class Worker:
             received = read_copy(workdir / "model.safetensors")
             model, tokenizer = load_served_model(workdir, self.device, received)
             tokenizer = QAEncoder(tokenizer, lease.task.prompt_format)  # the job's prompt format for every batch
+            carried = carried_for_copy(store, config, model, workdir / "model.safetensors", lease.round)
             copy_dir = self._copy_dir(lease.task_name, lease.round)
             metrics_log = (copy_dir / "train_log.jsonl").open("w")
             try:
                 train = run_unlearning(
-                    model, tokenizer, self.forget, self.retain, config,
+                    model, tokenizer, self.forget, self.retain, config, carried=carried,
                     progress=self.options.progress, log=lambda row: metrics_log.write(json.dumps(row) + "\n"),
                     idk_answers=self.options.idk_answers,
                 )
             finally:
                 metrics_log.close()
+            if config.carry_optimizer:
+                # Before the upload: the upload that completes the round lets round r + 1 start at once.
+                store.save_optimizer_state(lease.round, carried.optimizer_state or {})
             trained = time.perf_counter()
             delta_path = workdir / "delta.safetensors"
             _write_delta(model, received, delta_path)

@@ -18,8 +18,10 @@ class TaskSpec(BaseModel):
     """What a worker needs to run the inner unlearning method on its copy.
 
     `epochs` is the baseline's epoch budget (`local_epochs`); with `max_steps` None the worker
-    auto-balances: it runs ceil(epochs · batches_per_epoch / rounds) steps per copy, so PUM
-    with R rounds does the baseline's optimisation work per copy (DESIGN.md §4).
+    auto-balances: the baseline's T steps are split over the rounds, round r running steps
+    [⌊(r−1)·T/R⌋, ⌊r·T/R⌋) of one schedule, so PUM with R rounds does the baseline's work per copy
+    (DESIGN.md §4). `reparameterized` tells the worker that copies come in secret, differently
+    rotated bases, so its optimiser state must not carry from one copy to the next (DESIGN.md §6).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -28,6 +30,9 @@ class TaskSpec(BaseModel):
     epochs: float = Field(gt=0, description="baseline epoch budget (local_epochs)")
     max_steps: int | None = Field(default=None, ge=1, description="steps per copy; None = auto-balance")
     rounds: int = Field(ge=1, description="rounds R of the job, for auto-balancing")
+    reparameterized: bool = Field(
+        default=False, description="copies are reparameterized (T_k): the worker starts each copy's optimiser fresh"
+    )
     hyperparams: dict[str, Any] = Field(
         default_factory=dict, description="optimiser and method hyperparameters (lr, batch_size, beta, ...)"
     )

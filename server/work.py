@@ -50,7 +50,8 @@ class WorkProtocol:
         log.info("job %s round %d: granted %s", job_id, job.round, lease.id)
         task = TaskSpec(
             method=settings.inner_handler, epochs=settings.local_epochs, max_steps=settings.local_max_steps,
-            rounds=settings.rounds_R, hyperparams=job.spec.hyperparams, prompt_format=settings.prompt_format,
+            rounds=settings.rounds_R, reparameterized=settings.use_orthogonal_reparam,
+            hyperparams=job.spec.hyperparams, prompt_format=settings.prompt_format,
         )
         return LeaseGranted(
             lease_id=lease.id, job_id=job_id, task_name=job.task, round=job.round, rounds_R=settings.rounds_R,

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pum.client.trainer import TrainConfig, lr_factor, planned_steps, run_unlearning
+from pum.client.trainer import Carried, TrainConfig, planned_steps, run_unlearning, steps_of_round
 from pum.common.qa import collate, sequence_nll
 from pum.common.schemas import TaskSpec
 
@@ -74,34 +74,31 @@ def test_config_params_cannot_be_changed_behind_its_back():
 
 
 @pytest.mark.parametrize(
-    "n_forget, batch_size, epochs, rounds, max_steps, expected",
+    "n_forget, batch_size, epochs, rounds, max_steps, global_schedule, expected",
     [
-        (400, 32, 5, 1, None, 65),  # 13 batches per epoch × 5 epochs
-        (400, 32, 5, 2, None, 33),  # ceil(65 / 2)
-        (400, 32, 5, 5, None, 13),  # one epoch per copy
-        (400, 32, 10, 4, None, 33),  # ceil(130 / 4)
-        (40, 32, 10, 20, None, 1),  # 2 batches × 10 epochs over 20 rounds
-        (100, 10, 0.3, 1, None, 3),  # exact rationals: 0.3 × 10, not 3.0000000000000004 → 4
-        (400, 32, 5, 2, 7, 7),  # max_steps wins
+        (400, 32, 5, 1, None, True, [65]),  # 13 batches per epoch × 5 epochs
+        (400, 32, 5, 2, None, True, [32, 33]),  # ⌊65/2⌋, then ⌊130/2⌋ − ⌊65/2⌋: 65 in all, as the baseline
+        (400, 32, 5, 2, None, False, [33, 33]),  # the old split: ⌈65/2⌉ each, 66 in all
+        (400, 32, 5, 5, None, True, [13] * 5),  # one epoch per copy
+        (400, 32, 10, 4, None, True, [32, 33, 32, 33]),
+        (40, 32, 2, 5, None, True, [0, 1, 1, 1, 1]),  # T = 4 < R: a round may train no step
+        (100, 10, 0.3, 1, None, True, [3]),  # exact rationals: 0.3 × 10, not 3.0000000000000004 → 4
+        (400, 32, 5, 2, 7, True, [7, 7]),  # max_steps wins
     ],
 )
-def test_planned_steps_auto_balances_over_rounds(n_forget, batch_size, epochs, rounds, max_steps, expected):
-    config = TrainConfig(method="GradAscent", batch_size=batch_size, epochs=epochs, rounds=rounds, max_steps=max_steps)
-    assert planned_steps(config, n_forget) == expected
+def test_planned_steps_split_the_baselines_steps_over_rounds(n_forget, batch_size, epochs, rounds, max_steps,
+                                                            global_schedule, expected):
+    configs = [TrainConfig(method="GradAscent", batch_size=batch_size, epochs=epochs, rounds=rounds, round=r,
+                           max_steps=max_steps, global_schedule=global_schedule) for r in range(1, rounds + 1)]
+    assert [planned_steps(c, n_forget) for c in configs] == expected
 
 
-def test_planned_steps_total_work_matches_the_baseline():
-    for rounds in (1, 2, 3, 4, 5):
-        config = TrainConfig(method="GradAscent", batch_size=32, epochs=10, rounds=rounds)
-        steps = planned_steps(config, 400)
-        assert steps * rounds >= 130 and (steps - 1) * rounds < 130
-
-
-def test_lr_factor_warmup_then_constant_or_linear():
-    assert [lr_factor(s, 6, 0, "constant") for s in range(6)] == [1.0] * 6
-    assert [lr_factor(s, 6, 3, "constant") for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert [lr_factor(s, 6, 2, "linear") for s in range(6)] == [1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25]
-    assert [lr_factor(s, 4, 0, "linear") for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+def test_rounds_tile_the_baselines_steps_exactly():
+    for rounds in (1, 2, 3, 4, 5, 7):
+        configs = [TrainConfig(method="GradAscent", batch_size=32, epochs=10, rounds=rounds, round=r)
+                   for r in range(1, rounds + 1)]
+        steps = [list(steps_of_round(c, 400)) for c in configs]
+        assert sum(steps, []) == list(range(130))
 
 
 # --- running ------------------------------------------------------------------------------------
@@ -127,11 +124,13 @@ def test_run_returns_metrics_and_logs_every_step(model, tokenizer, forget_pairs,
     config = TrainConfig(method="NPO", lr=1e-3, batch_size=4, epochs=3, schedule="linear", warmup_steps=1)
     metrics = run_unlearning(model, tokenizer, forget_pairs, retain_pairs, config, log=records.append, progress=True)
     assert metrics["steps"] == planned_steps(config, len(forget_pairs)) == 6
-    assert set(metrics) == {"steps", "seconds", "first_loss", "last_loss", "method"} and metrics["method"] == "NPO"
+    assert set(metrics) == {"steps", "first_step", "total_steps", "seconds", "first_loss", "last_loss", "method"}
+    assert metrics["method"] == "NPO" and (metrics["first_step"], metrics["total_steps"]) == (0, 6)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert metrics["first_loss"] == records[0]["loss"] and metrics["last_loss"] == records[-1]["loss"]
     assert all(math.isfinite(r["loss"]) for r in records) and metrics["seconds"] >= 0
     assert [r["lr"] for r in records] == pytest.approx([5e-4, 1e-3, 8e-4, 6e-4, 4e-4, 2e-4])
+    assert all(0 < r["grad_norm"] for r in records)  # measured before clipping to max_grad_norm
     assert model.training  # its mode is restored
     assert all(p.grad is None for p in model.parameters())
 
@@ -167,23 +166,49 @@ def test_same_inputs_and_seed_give_bit_identical_weights(make_model, tokenizer, 
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_rounds_continue_the_batch_stream_so_r_rounds_replay_the_baseline(make_model, tokenizer, forget_pairs,
-                                                                         retain_pairs):
-    # With SGD (no optimiser state) and one copy per round, R rounds run back to back on the same
-    # weights must equal the baseline: the same batches in the same order. 6 pairs in batches of 4
-    # are 2 batches an epoch; 3 epochs over 2 rounds put the round boundary inside epoch 2.
-    baseline = TrainConfig(method="GradDiff", optimizer="sgd", lr=1e-2, batch_size=4, epochs=3, seed=5)
-    rounds = dataclasses.replace(baseline, rounds=2)
-    assert planned_steps(baseline, len(forget_pairs)) == 2 * planned_steps(rounds, len(forget_pairs)) == 6
-    once, in_rounds, restarted = make_model(0), make_model(0), make_model(0)
+def max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    sa, sb = a.state_dict(), b.state_dict()
+    return max((sa[k] - sb[k]).abs().max().item() for k in sa)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_rounds_back_to_back_with_carried_state_replay_the_baseline(make_model, tokenizer, forget_pairs, retain_pairs,
+                                                                    optimizer):
+    # One copy per round, run back to back on the same weights with the carried reference and
+    # optimiser state, must be the baseline: the same batches, learning rates, moments and reference.
+    # 6 pairs in batches of 4 are 2 batches an epoch; 3 epochs over 4 rounds split the 6 steps 1, 2, 1, 2.
+    baseline = TrainConfig(method="NPO", optimizer=optimizer, lr=1e-2, batch_size=4, epochs=3, seed=5,
+                           schedule="linear", warmup_steps=2, max_grad_norm=0.5)
+    once, in_rounds = make_model(0), make_model(0)
     run_unlearning(once, tokenizer, forget_pairs, retain_pairs, baseline)
-    for r in (1, 2):
-        run_unlearning(in_rounds, tokenizer, forget_pairs, retain_pairs, dataclasses.replace(rounds, round=r))
-        run_unlearning(restarted, tokenizer, forget_pairs, retain_pairs, rounds)  # round 1's batches twice
-    a, b, c = once.state_dict(), in_rounds.state_dict(), restarted.state_dict()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-7)
-    assert max((c[k] - a[k]).abs().max().item() for k in a) > 1e-5
+    carried = Carried(reference=make_model(0).eval().requires_grad_(False))
+    for r in (1, 2, 3, 4):
+        run_unlearning(in_rounds, tokenizer, forget_pairs, retain_pairs,
+                       dataclasses.replace(baseline, rounds=4, round=r), carried=carried)
+    assert max_difference(once, in_rounds) < 1e-6
+
+
+@pytest.mark.parametrize("change", [{"global_schedule": False}, {"carry_optimizer": False}, {"carry_reference": False}])
+def test_each_carried_item_is_needed_to_replay_the_baseline(make_model, tokenizer, forget_pairs, retain_pairs, change):
+    baseline = TrainConfig(method="NPO", lr=1e-2, batch_size=4, epochs=3, seed=5, schedule="linear")
+    once, in_rounds = make_model(0), make_model(0)
+    run_unlearning(once, tokenizer, forget_pairs, retain_pairs, baseline)
+    config = dataclasses.replace(baseline, rounds=4, **change)
+    reference = make_model(0).eval().requires_grad_(False) if config.carry_reference else None
+    carried = Carried(reference=reference)
+    for r in (1, 2, 3, 4):
+        if not config.carry_optimizer:
+            carried.optimizer_state = None
+        run_unlearning(in_rounds, tokenizer, forget_pairs, retain_pairs, dataclasses.replace(config, round=r),
+                       carried=carried)
+    assert max_difference(once, in_rounds) > 1e-5
+
+
+def test_a_carried_optimizer_state_of_another_model_is_refused(make_model, tokenizer, forget_pairs, retain_pairs):
+    carried = Carried(optimizer_state={0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3, 3)}})
+    with pytest.raises(ValueError, match="does not fit this model"):
+        run_unlearning(make_model(0), tokenizer, forget_pairs, retain_pairs, TrainConfig(method="GradDiff", max_steps=1),
+                       carried=carried)
 
 
 def test_round_beyond_the_jobs_rounds_is_refused():
