@@ -53,7 +53,7 @@ if [[ -z "${MODEL_DIR:-}" ]]; then
   log "no MODEL_DIR: using the CPU models ($PUM_CPU_SPEC spec; built once, cached in $PUM_TOFU_CPU_CACHE)"
   assignments="$("$PYTHON" "$REPO_DIR/bench/tofu_bench.py" --print-models --spec "$PUM_CPU_SPEC" \
     --forget-split "$FORGET_SPLIT" --data "$DATA_DIR" --cache-dir "$PUM_TOFU_CPU_CACHE" --log-level WARNING)"
-  eval "$assignments"  # MODEL_DIR=… RETAIN_MODEL_DIR=… (shell-quoted by the script)
+  eval "$assignments"  # MODEL_DIR=… RETAIN_MODEL_DIR=… BASE_MODEL_DIR=… (shell-quoted by the script)
   CPU_MODELS=1
 else
   CPU_MODELS=0

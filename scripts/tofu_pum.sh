@@ -17,6 +17,8 @@
 # (evaluation), THREADS, PUM_CPU_SPEC, PUM_TOFU_CPU_CACHE, PYTHON, RETAIN_EVAL_DIR. Then PUM's:
 #   PUM_COPIES_M [4]  PUM_ROUNDS_R [2]  PUM_NOISE_KAPPA [0.01]  PUM_ALPHA_MIN [1]  PUM_ALPHA_MAX [2]
 #   PUM_JITTER_TAU [0]  PUM_LOCAL_MAX_STEPS (steps per copy; empty = epochs/R) []
+#   BASE_MODEL_DIR     the base the target was fine-tuned from: κ is then relative to the task vector
+#                      θ − θ_base (the paper's definition) [the CPU base model; empty with MODEL_DIR given]
 #   Any other PUM_* setting of DESIGN.md §8 in the environment is read by `pum admin create` too.
 #   With METHOD (a preset of presets/tofu/), the job is the preset's: its hyperparameters, rounds, copies
 #   and noise, with MODEL_DIR and TASK_NAME set on it, PUM_* variables in the environment over it, and on
@@ -115,6 +117,9 @@ CREATE_ARGS=("$JOB_FILE")
 if [[ -n "$PRESET" ]]; then
   cp "$PRESET" "$JOB_FILE"  # the job is the preset, with the overrides below (logged)
   CREATE_ARGS+=(--set "model_dir=$MODEL_DIR" --set "task=$TASK_NAME")
+  if [[ -n "${BASE_MODEL_DIR:-}" && -z "${PUM_BASE_MODEL:-}" ]]; then  # κ relative to θ − θ_base
+    CREATE_ARGS+=(--set "pum.base_model=$(cd "$BASE_MODEL_DIR" && pwd)")
+  fi
   if [[ "$CPU_MODELS" == 1 ]]; then  # tiny CPU models need a larger learning rate than TOFU's 1e-5 (CPU-NOTES.md)
     CREATE_ARGS+=(--set "hyperparams.learning_rate=$LR" --set "hyperparams.num_train_epochs=$PUM_LOCAL_EPOCHS")
   fi
@@ -129,16 +134,18 @@ else
   # A noise scale other than κ in the environment (PUM_SIGMA, ...) replaces noise_kappa.
   "$PYTHON" - "$JOB_FILE" "$TASK_NAME" "$MODEL_DIR" "$PUM_COPIES_M" "$PUM_ROUNDS_R" "$PUM_NOISE_KAPPA" \
     "$PUM_ALPHA_MIN" "$PUM_ALPHA_MAX" "$PUM_JITTER_TAU" "$PUM_INNER_HANDLER" "$PUM_LOCAL_EPOCHS" \
-    "$PUM_LOCAL_MAX_STEPS" "$TRAIN_HYPERPARAMS" << 'EOF'
+    "$PUM_LOCAL_MAX_STEPS" "$TRAIN_HYPERPARAMS" "${BASE_MODEL_DIR:-}" << 'EOF'
 import json, os, sys
 import yaml
-path, task, model_dir, m, rounds, kappa, a_min, a_max, tau, method, epochs, max_steps, hyper = sys.argv[1:]
+path, task, model_dir, m, rounds, kappa, a_min, a_max, tau, method, epochs, max_steps, hyper, base = sys.argv[1:]
 pum = {"copies_m": int(m), "rounds_R": int(rounds), "alpha_min": float(a_min), "alpha_max": float(a_max),
        "jitter_tau": float(tau), "inner_handler": method, "local_epochs": float(epochs)}
 if not any(os.environ.get(name) for name in ("PUM_SIGMA", "PUM_SIGMA_PER_LAYER", "DP_EPSILON")):
     pum["noise_kappa"] = float(kappa)
 if max_steps:
     pum["local_max_steps"] = int(max_steps)
+if base and not os.environ.get("PUM_BASE_MODEL"):
+    pum["base_model"] = os.path.abspath(base)
 job = {"task": task, "model_dir": model_dir, "pum": pum, "hyperparams": json.loads(hyper)}
 with open(path, "w") as f:
     yaml.safe_dump(job, f, sort_keys=False)
