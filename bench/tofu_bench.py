@@ -90,7 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retain-model-dir", type=Path, help="retain model of the (single) split; default: the CPU model")
     p.add_argument("--base-model-dir", type=Path, help="base model the target was fine-tuned from (relative noise)")
     p.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "tofu-cpu", help="CPU model cache")
-    p.add_argument("--spec", choices=("default", "test"), default="default", help="CPU model spec: CpuModelSpec() or TEST_SPEC")
+    p.add_argument("--spec", choices=("default", "test", "gpu"), default="default",
+                   help="model spec when no --model-dir: CpuModelSpec(), TEST_SPEC or GPU_SPEC (~30 M parameters)")
     p.add_argument("--epochs", type=float, help="baseline epoch budget = PUM local_epochs (CPU 5, real 10)")
     p.add_argument("--lr", type=float, help="learning rate (CPU models 1e-4, real models 1e-5)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -151,12 +152,13 @@ def resolve_models(args: argparse.Namespace, split: str) -> Models:
     if args.model_dir is not None:
         base = args.base_model_dir.resolve() if args.base_model_dir else None
         return Models(args.model_dir.resolve(), args.retain_model_dir.resolve(), base, "given model folders")
-    from pum.evaluation.cpu_models import TEST_SPEC, CpuModelSpec, build_tofu_models
+    from pum.evaluation.cpu_models import GPU_SPEC, TEST_SPEC, CpuModelSpec, build_tofu_models
 
-    spec = TEST_SPEC if args.spec == "test" else CpuModelSpec()
+    spec = {"test": TEST_SPEC, "gpu": GPU_SPEC}.get(args.spec, CpuModelSpec())
     retain_split = RETAIN_OF[split]
     started = time.perf_counter()
-    folders = build_tofu_models(args.data, args.cache_dir, splits=("full", retain_split), spec=spec, progress=False)
+    folders = build_tofu_models(args.data, args.cache_dir, splits=("full", retain_split), spec=spec, progress=False,
+                                device=getattr(args, "device", None))
     log.info("CPU models for %s ready in %.0f s: %s", split, time.perf_counter() - started, folders["full"].parent)
     return Models(folders["full"].resolve(), folders[retain_split].resolve(), folders["base"].resolve(),
                   f"CPU models ({args.spec} spec: {spec})")

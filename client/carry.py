@@ -119,6 +119,8 @@ class CarryStore:
         """Keep `copy_file` (a received copy, safetensors) as the job's reference unless one is kept already.
 
         True when this call stored it."""
+        if self.has_reference():  # the usual case after the first copy: no copy of a model-sized file
+            return False
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = _temporary(self.reference_path)
         shutil.copyfile(copy_file, tmp)

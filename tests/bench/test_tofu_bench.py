@@ -256,3 +256,20 @@ def test_tofu_unlearn_script_end_to_end(tofu_bench, cpu_models, tmp_path):
     assert logs["pum"]["forget_split"] == "forget01" and len(logs["forget_truth_ratio"]["value_by_index"]) == MAX_ITEMS
     assert 0.0 <= summary["forget_quality"] <= 1.0
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
+@pytest.mark.e2e
+def test_gpu_quality_script_runs_its_pipeline_on_the_cpu(small_tofu, tmp_path):
+    """bench/gpu_quality.sh in its tiny mode: the test spec on the CPU, pum imported through the script's link
+    folder as on the GPU image, one method at κ = 0 and 0.1; everything the H200 run does but CUDA."""
+    out = tmp_path / "gpu"
+    env = _env(GPU_QUALITY_TINY="1", GPU_QUALITY_SHIM="1", DATA_DIR=str(small_tofu), OUT_DIR=str(out),
+               METHODS="GradDiff", MAX_MINUTES="30", OUT=str(tmp_path / "device-out"))
+    (tmp_path / "device-out").mkdir()
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_quality.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "/shim" in done.stderr  # pum came from the link folder
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert sorted((r["variant"], r["kappa"]) for r in records) == [("baseline", None), ("pum", 0.0), ("pum", 0.1)]
+    assert (tmp_path / "device-out" / "gpu_quality_report.md").is_file()

@@ -40,6 +40,19 @@ def test_from_task_splits_loop_keys_from_method_params():
     assert (config.optimizer, config.weight_decay, config.max_length) == ("adamw", 0.01, 512)
 
 
+def test_from_task_reads_the_carry_flags_and_reparameterization_turns_optimizer_carrying_off():
+    hyper = {"max_grad_norm": 2, "carry_reference": False, "global_schedule": False}
+    config = TrainConfig.from_task(TaskSpec(method="NPO", epochs=1, rounds=2, hyperparams=hyper))
+    assert (config.max_grad_norm, config.carry_reference, config.carry_optimizer, config.global_schedule) == (
+        2.0, False, True, False)
+    rotated = TrainConfig.from_task(TaskSpec(method="NPO", epochs=1, rounds=2, reparameterized=True))
+    assert rotated.carry_optimizer is False and rotated.carry_reference is True  # the function is preserved
+    assert TrainConfig.from_task(TaskSpec(method="NPO", epochs=1, rounds=1, hyperparams={"max_grad_norm": None})
+                                 ).max_grad_norm is None
+    with pytest.raises(ValueError, match="carry_optimizer must be true or false"):
+        TrainConfig(method="NPO", carry_optimizer="yes")
+
+
 def test_from_task_refuses_unknown_keys_listing_the_allowed_ones():
     task = TaskSpec(method="GradDiff", epochs=5, rounds=1, hyperparams={"lr": 1e-5, "beta": 0.1})
     with pytest.raises(ValueError) as err:
