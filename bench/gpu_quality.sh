@@ -47,12 +47,8 @@ fi
 
 TINY="${GPU_QUALITY_TINY:-}"
 started=$SECONDS
-# ---- environment: carried wheels, and the pum package itself when it is not installed
-if compgen -G ".whl/*.whl" > /dev/null; then
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/pum-site .whl/*.whl \
-    || die "installing the carried wheels failed"
-  export PYTHONPATH="/tmp/pum-site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+# ---- environment: the pum package (a folder of links when it is not installed), then the carried wheels
+# for whatever the image cannot import
 if [[ -n "${GPU_QUALITY_SHIM:-}" ]] || ! "$PYTHON" -c 'import pum.client.trainer' 2> /dev/null; then
   # pyproject maps pum.<part> to <part>/: a folder of links gives the same import names without installing.
   shim="$(mktemp -d)/shim"
@@ -60,7 +56,8 @@ if [[ -n "${GPU_QUALITY_SHIM:-}" ]] || ! "$PYTHON" -c 'import pum.client.trainer
   for part in cli common server client demo evaluation; do ln -s "$REPO_DIR/$part" "$shim/pum/$part"; done
   export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
 fi
-missing="$("$PYTHON" - << 'EOF'
+missing() {
+  "$PYTHON" - << 'EOF'
 import importlib
 missing = []
 for name in ("torch", "transformers", "tokenizers", "safetensors", "fastapi", "pydantic_settings", "httpx", "yaml",
@@ -71,8 +68,16 @@ for name in ("torch", "transformers", "tokenizers", "safetensors", "fastapi", "p
         missing.append(f"{name} ({type(err).__name__}: {err})")
 print("; ".join(missing))
 EOF
-)"
-[[ -z "$missing" ]] || die "cannot import: $missing. Run 'bench/gpu_quality.sh --prepare' where pip works and carry .whl"
+}
+gaps="$(missing)"
+if [[ -n "$gaps" ]] && compgen -G ".whl/*.whl" > /dev/null; then
+  log "installing the carried wheels (missing: ${gaps:0:200})"
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/pum-site .whl/*.whl \
+    || die "installing the carried wheels failed"
+  export PYTHONPATH="/tmp/pum-site${PYTHONPATH:+:$PYTHONPATH}"
+  gaps="$(missing)"
+fi
+[[ -z "$gaps" ]] || die "cannot import: $gaps. Run 'bench/gpu_quality.sh --prepare' where pip works and carry .whl"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 log "pum from $("$PYTHON" -c 'import os, pum.client.trainer as t; print(os.path.dirname(os.path.dirname(t.__file__)))')"
 

@@ -226,9 +226,11 @@ def test_cpu_models_start_from_one_base(cpu_models):
     base, target = (load_file(folders[name] / "model.safetensors") for name in ("base", "full"))
     fresh = load_file(folders["retain99"] / "model.safetensors")
     assert any(not torch.equal(base[n], target[n]) for n in base)
-    marker = json.loads((folders["base"].parent / "COMPLETE.json").read_text())
-    assert {"base", "full", "retain99"} <= set(marker["training"])
-    assert math.isfinite(marker["training"]["base"]["nll"]) and set(fresh) == set(base)
+    for name in ("base", "full", "retain99"):
+        marker = json.loads((folders[name] / "COMPLETE.json").read_text())
+        assert math.isfinite(marker["training"]["nll"]) and marker["spec"]["hidden"] == TEST_SPEC.hidden
+    assert set(fresh) == set(base)
+    assert not [p for p in folders["base"].parent.iterdir() if ".building" in p.name]
 
 
 @pytest.mark.e2e
@@ -273,3 +275,21 @@ def test_gpu_quality_script_runs_its_pipeline_on_the_cpu(small_tofu, tmp_path):
     records = json.loads((out / "results.json").read_text())["records"]
     assert sorted((r["variant"], r["kappa"]) for r in records) == [("baseline", None), ("pum", 0.0), ("pum", 0.1)]
     assert (tmp_path / "device-out" / "gpu_quality_report.md").is_file()
+
+
+def test_a_model_another_process_is_building_is_left_to_it(tmp_path):
+    """cpu_models builds each folder under its own lock: a second builder skips it, then finds it done."""
+    from pum.evaluation.cpu_models import _build_folder, _lock
+
+    built = []
+
+    def build(tmp: Path) -> None:
+        tmp.mkdir()
+        (tmp / "COMPLETE.json").write_text("{}")
+        built.append(tmp)
+
+    folder = tmp_path / "full"
+    with _lock(tmp_path / ".full.lock") as held:  # another builder (flock: one per open file, even in one process)
+        assert held and _build_folder(folder, build, blocking=False) is False and not built
+    assert _build_folder(folder, build, blocking=False) and (folder / "COMPLETE.json").is_file()
+    assert _build_folder(folder, build, blocking=True) and len(built) == 1  # done: not built again
