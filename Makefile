@@ -31,12 +31,18 @@ bench: venv
 	$(BIN)/python bench/server_memory.py
 	$(BIN)/python bench/lease_concurrency.py
 
-# The TOFU forget10 head-to-head: builds the CPU models once (68 min here, then cached), then runs
-# 7 methods × {baseline, PUM κ = 0 (the no-noise control), 0.01, 0.1}: about 110 min on one core.
-# Runs already in saves/bench/tofu/results.json are kept, so an interrupted run resumes.
+# The TOFU quality benchmark (issue 10): base/target/retain CPU models built once (cached in .cache/tofu-cpu),
+# then 7 methods × {baseline, PUM at m = 4, 2 and κ = 0, 0.01, 0.1} × 3 seeds on forget01 and forget10, in
+# priority order, one process per split. Runs already in saves/bench/quality/results.json are kept, so an
+# interrupted run resumes; bench/results/tofu_quality_cpu.{json,md,png} are copied from it at the end.
 bench-tofu: venv
 	$(BIN)/pip install --quiet -e ".[test,bench]"
-	$(BIN)/python bench/tofu_bench.py --threads 1 --forget-split forget10 --kappas 0 0.01 0.1
+	$(BIN)/python bench/tofu_bench.py --splits forget10 --out saves/bench/quality & \
+	  $(BIN)/python bench/tofu_bench.py --splits forget01 --out saves/bench/quality; wait
+	$(BIN)/python bench/tofu_bench.py --report-only --out saves/bench/quality
+	cp saves/bench/quality/results.json bench/results/tofu_quality_cpu.json
+	sed "s/(quality.png)/(tofu_quality_cpu.png)/" saves/bench/quality/report.md > bench/results/tofu_quality_cpu.md
+	cp saves/bench/quality/quality.png bench/results/tofu_quality_cpu.png
 
 clean:
 	rm -rf $(VENV) saves/demo .pytest_cache

@@ -1,29 +1,20 @@
 """The TOFU numbers the quality benchmark records, from a model in memory, and nothing more.
 
-`pum.evaluation.tofu.evaluate` computes every TOFU metric of a saved model (privleak, MIA,
-extraction strength, forget ROUGE). The quality benchmark records forget quality, model utility,
-retain-only utility and forget probability for ~300 runs on a small CPU, so this module scores
-only what those need, with the same formulas (`pum.evaluation.metrics`) and the same scoring and
-generation code (`pum.evaluation.scoring`):
-
-- forget split: teacher-forced scores of the answer, the paraphrased and the perturbed answers
-  (truth ratios → forget quality against the retain model; answer probability); no generation
-  (forget ROUGE is not recorded) — saves 40 % of the generation;
-- retain, real authors, world facts: scores and greedy generation (the 9 utility components);
-- no holdout split (it only feeds membership inference).
-
-The model stays in memory (no save and reload per run).
+`pum.evaluation.tofu.evaluate` scores a saved model on every split and computes every TOFU metric
+(privleak and MIA need the holdout split). The quality benchmark records forget quality, model
+utility, retain-only utility and forget probability for ~300 runs on a small CPU, so it scores the
+model it holds in memory (no save and reload per run) on the forget, retain, real-author and
+world-fact splits with the evaluation's own per-question code, and skips the holdout split.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pum.common.qa import QAPair
 from pum.evaluation import metrics
 from pum.evaluation.data import PERTURBED_ROLES, TofuData
-from pum.evaluation.scoring import generate_answers, rouge_l_recall, score_answers
 from pum.evaluation.summary import UTILITY_COMPONENTS
+from pum.evaluation.tofu import EvalOptions, _perturbed_items
 
 RETAIN_COMPONENTS = ("retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio")
 
@@ -34,36 +25,11 @@ class EvalSettings:
     max_new_tokens: int = 32  # greedy generation budget for ROUGE (DESIGN.md: 200; see the report)
 
 
-def score_role(model, tokenizer, role: str, records: list[dict], settings: EvalSettings, generate: bool) -> list[dict]:
-    """Per question: P̄ of the answer, truth ratio, normalised P̄ (real authors / world facts), ROUGE-L recall."""
-    reference_key = PERTURBED_ROLES[role][1]
-    pairs, spans = [], []
-    for r in records:
-        answers = [r["answer"]] + ([] if reference_key == "answer" else [r[reference_key]]) + list(r["perturbed_answer"])
-        spans.append((len(pairs), len(answers)))
-        pairs.extend(QAPair(r["question"], a) for a in answers)
-    scores = score_answers(model, tokenizer, pairs, settings.batch_size)
-    generations = (generate_answers(model, tokenizer, [r["question"] for r in records], settings.batch_size,
-                                    settings.max_new_tokens) if generate else [None] * len(records))
-    items = []
-    for r, (start, count), generation in zip(records, spans, generations):
-        answer = scores[start]
-        reference = answer if reference_key == "answer" else scores[start + 1]
-        perturbed = scores[start + 1 + (reference_key != "answer"): start + count]
-        item = {"prob": answer.prob,
-                "truth_ratio": metrics.truth_ratio(reference.avg_nll, [p.avg_nll for p in perturbed])}
-        if reference_key == "answer":
-            item["normalised_prob"] = metrics.normalised_prob(answer.prob, [p.prob for p in perturbed])
-        if generate:
-            item["rouge_l_recall"] = rouge_l_recall(r["answer"], generation)
-        items.append(item)
-    return items
-
-
 def score_model(model, tokenizer, data: TofuData, settings: EvalSettings = EvalSettings()) -> dict[str, list[dict]]:
     """{role: per-question items} for forget, retain, real_authors and world_facts (those present)."""
     model.eval()
-    return {role: score_role(model, tokenizer, role, data.records[role], settings, generate=role != "forget")
+    options = EvalOptions(batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens)
+    return {role: _perturbed_items(model, tokenizer, role, data.records[role], options, progress=False)
             for role in PERTURBED_ROLES if role in data.records}
 
 

@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -245,7 +246,10 @@ class Bench:
         return self.args.out / "results.json"
 
     def update(self, change) -> dict:
-        """Read results.json under the lock, apply `change(results)`, write it back; returns the results."""
+        """Read results.json under the lock, apply `change(results)`, write it back; returns the results.
+
+        Runs made under other options are moved aside with the whole file; a split whose models changed
+        loses its references and records (another invocation's splits are kept)."""
         with locked(self.path):
             results = read_results(self.path)
             if results.get("options") not in (None, self.options):
@@ -254,9 +258,21 @@ class Bench:
                 log.warning("results.json was made with other options: moved to %s, starting afresh", backup)
                 results = read_results(self.path)
             results["options"] = self.options
+            for split, identity in self.model_ids.items():
+                if results["models"].get(split) not in (None, identity):
+                    log.warning("the %s models changed: dropping that split's earlier runs", split)
+                    results["references"].pop(split, None)
+                    results["records"] = [r for r in results["records"] if r["split"] != split]
+                results["models"][split] = identity
             change(results)
             write_results(self.path, results)
         return results
+
+    @property
+    def model_ids(self) -> dict[str, dict]:
+        return {split: {"target": str(m.target), "target_id": model_identity(m.target), "retain": str(m.retain),
+                        "retain_id": model_identity(m.retain), "base_model": str(m.base) if m.base else None,
+                        "base_id": model_identity(m.base)} for split, m in sorted(self.models.items())}
 
     def done(self, key: str) -> bool:
         results = read_results(self.path)
@@ -324,8 +340,9 @@ class Bench:
 
     def run(self, run: Run) -> None:
         started = time.perf_counter()
+        base = self.models[run.split].base
         entry = {"key": run.key, "method": run.method, "variant": run.variant, "kappa": run.kappa, "m": run.m,
-                 "rounds": run.rounds, "seed": run.seed, "split": run.split}
+                 "rounds": run.rounds, "seed": run.seed, "split": run.split, "base_model": str(base) if base else None}
         try:
             model, tokenizer, train = (self.baseline if run.variant == "baseline" else self.pum)(run)
             entry["unlearn_seconds"] = time.perf_counter() - started
@@ -364,19 +381,19 @@ class Bench:
         if models.base is not None:
             pum["base_model"] = str(models.base)
         forget, retain = self.pairs(run.split)
-        job = run_job_in_process(models.target, pum, self.hyperparams(run.method, run.seed), forget, retain,
-                                 a.out / "work", task=run.key.replace("/", "_").replace(".", "p"), workers=a.workers,
-                                 device=self.device)
+        task = run.key.replace("/", "_").replace(".", "p")
+        work = a.out / "work" / task  # one folder per run: several invocations may share --out
+        job = run_job_in_process(models.target, pum, self.hyperparams(run.method, run.seed), forget, retain, work,
+                                 task=task, workers=a.workers, device=self.device)
         model, tokenizer = self.load(job.model_dir)
+        shutil.rmtree(work, ignore_errors=True)
         return model, tokenizer, {"job_seconds": job.seconds, "rounds": len(job.status.get("rounds", []))}
 
 
 def options_of(args: argparse.Namespace, models: dict[str, Models]) -> dict:
-    """Everything that changes the numbers besides the run's own coordinates; results.json is reused only when equal."""
+    """Everything that changes the numbers besides the run's own coordinates and its split's models
+    (results.json's "models", per split); results.json is reused only when equal."""
     return {
-        "models": {split: {"target": str(m.target), "target_id": model_identity(m.target), "retain": str(m.retain),
-                           "retain_id": model_identity(m.retain), "base_model": str(m.base) if m.base else None,
-                           "base_id": model_identity(m.base)} for split, m in sorted(models.items())},
         "models_note": next(iter(models.values())).note if models else None,
         "data": str(args.data.resolve()), "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
         "weight_decay": args.weight_decay, "hyperparams": args.hyperparams, "method_params": args.method_params,

@@ -228,8 +228,8 @@ def write(results: dict, out: Path) -> str:
               "run in one process (the real server app and Worker objects, `pum.demo.inprocess`).",
               f"- Evaluation: greedy generation up to {options.get('max_new_tokens')} new tokens (DESIGN.md: 200; "
               "ROUGE and so model utility depend on it, truth ratios and forget quality do not); forget quality is "
-              "the KS p-value of forget truth ratios against the retain model's; forget-set generation and the "
-              "holdout split are skipped (they feed only forget ROUGE and MIA, not recorded here)"
+              "the KS p-value of forget truth ratios against the retain model's; the "
+              "holdout split is skipped (it feeds only membership inference, not recorded here)"
               + (f"; max_items = {options['max_items']} (a smoke run)" if options.get("max_items") else "") + ".",
               "", "## What ran", "", coverage(results), ""]
     if plotted:

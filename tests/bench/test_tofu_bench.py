@@ -117,8 +117,8 @@ def test_bench_writes_one_record_per_run_with_the_schema(bench_out, tofu_bench):
     pum = [r for r in records if r["variant"] == "pum"]
     assert {(r["kappa"], r["m"], r["rounds"]) for r in pum} == {(0.0, 2, 2), (0.1, 2, 2)}
     assert all(r["train"]["rounds"] == 2 for r in pum)
-    options = results["options"]
-    assert options["models"]["forget01"]["base_model"].endswith("base")  # κ relative to θ − θ_base
+    assert results["models"]["forget01"]["base_model"].endswith("base")  # κ relative to θ − θ_base
+    assert all(r["base_model"] == results["models"]["forget01"]["base_model"] for r in records)
     assert {"retain", "target", "base"} <= set(results["references"]["forget01"])
 
 
@@ -158,6 +158,34 @@ def test_bench_resumes_and_adds_runs(tofu_bench, bench_out, cpu_models):
     (bench_out / "report.md").unlink()
     assert tofu_bench.main(["--report-only", "--out", str(bench_out)]) == 0
     assert "## κ = 0, m = 3" in (bench_out / "report.md").read_text()
+
+
+def test_two_invocations_on_other_splits_share_one_results_file(tofu_bench, tmp_path):
+    """One process per split writes one results.json: neither moves the other's runs aside; changed models
+    drop only their own split's runs."""
+    def models(name: str):
+        folder = tmp_path / name
+        folder.mkdir(exist_ok=True)
+        (folder / "config.json").write_text("{}")
+        return tofu_bench.Models(folder, folder, None, "test models")
+
+    def bench(split: str, model: str):
+        args = tofu_bench.parse_args(["--splits", split, "--out", str(tmp_path / "out")])
+        found = {split: models(model)}
+        return tofu_bench.Bench(args, tofu_bench.options_of(args, found), found)
+
+    def add(key: str, split: str):
+        return lambda results: results["records"].append({"key": key, "split": split})
+
+    a, b = bench("forget01", "m1"), bench("forget10", "m10")
+    a.update(add("x", "forget01"))
+    b.update(add("y", "forget10"))
+    results = a.update(add("z", "forget01"))
+    assert [r["key"] for r in results["records"]] == ["x", "y", "z"] and set(results["models"]) == {"forget01", "forget10"}
+    assert not list((tmp_path / "out").glob("results.*.json"))  # nothing moved aside
+    (tmp_path / "m10" / "config.json").write_text('{"changed": 1}')
+    results = bench("forget10", "m10").update(lambda results: None)
+    assert [r["key"] for r in results["records"]] == ["x", "z"]
 
 
 def test_grid_runs_in_priority_order(tofu_bench):
