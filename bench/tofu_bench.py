@@ -22,7 +22,7 @@ forget quality against the retain model, model utility, retain utility, forget p
 
 results.json (in --out) holds one record per run and is reused: a run already there under the same
 options is not run again, so an interrupted benchmark resumes. Several invocations may add to one
-results.json at once (disjoint slices; writes are locked). --report-only writes report.md and
+results.json at once: writes are locked, and each run is claimed by one live process. --report-only writes report.md and
 quality.png from it (`tofu_report`).
 """
 
@@ -234,6 +234,16 @@ def write_results(path: Path, results: dict) -> None:
     tmp.replace(path)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @dataclass
 class Bench:
     args: argparse.Namespace
@@ -278,9 +288,26 @@ class Bench:
         results = read_results(self.path)
         return any(r["key"] == key and "error" not in r for r in results.get("records", [])) and not self.args.force
 
+    def claim(self, key: str) -> bool:
+        """Take `key` for this process unless it is done or a live process holds it: several invocations on
+        one split share its runs."""
+        taken = []
+
+        def take(results):
+            claims = results.setdefault("claims", {})
+            holder = claims.get(key)
+            done = any(r["key"] == key and "error" not in r for r in results["records"]) and not self.args.force
+            if done or (holder not in (None, os.getpid()) and _alive(holder)):
+                return
+            claims[key] = os.getpid()
+            taken.append(key)
+        self.update(take)
+        return bool(taken)
+
     def record(self, entry: dict) -> None:
         def add(results):
             results["records"] = [r for r in results["records"] if r["key"] != entry["key"]] + [entry]
+            results.get("claims", {}).pop(entry["key"], None)
         self.update(add)
 
     # ---- hyperparameters and data
@@ -442,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_hours is not None and time.perf_counter() - bench.started > args.max_hours * 3600:
             skipped.append(run.key)
             continue
+        if not bench.claim(run.key):
+            continue  # another invocation is running it
         log.info("run %s", run.key)
         bench.run(run)
     if skipped:

@@ -183,6 +183,11 @@ def test_two_invocations_on_other_splits_share_one_results_file(tofu_bench, tmp_
     results = a.update(add("z", "forget01"))
     assert [r["key"] for r in results["records"]] == ["x", "y", "z"] and set(results["models"]) == {"forget01", "forget10"}
     assert not list((tmp_path / "out").glob("results.*.json"))  # nothing moved aside
+    assert a.claim("w") and a.claim("w")  # a process may take its own claim again
+    b.update(lambda results: results["claims"].__setitem__("v", 2 ** 22 + 12345))  # a dead process's claim
+    assert b.claim("v") and not b.claim("x")  # x is done
+    b.update(lambda results: results["claims"].__setitem__("u", os.getppid()))  # a live process's claim
+    assert not b.claim("u")
     (tmp_path / "m10" / "config.json").write_text('{"changed": 1}')
     results = bench("forget10", "m10").update(lambda results: None)
     assert [r["key"] for r in results["records"]] == ["x", "z"]
