@@ -31,6 +31,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from pum.client.methods import frozen_reference, get_method, parse_params
+from pum.client.trainer import Carried, TrainConfig
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1
@@ -181,7 +184,8 @@ def _fsync(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def carried_for_copy(store: CarryStore, config, model: torch.nn.Module, copy_file: Path, round_: int):
+def carried_for_copy(store: CarryStore, config: TrainConfig, model: torch.nn.Module, copy_file: Path,
+                     round_: int) -> Carried:
     """The `Carried` a copy of round `round_` starts from, taken from `store` (call it before training).
 
     Reference (methods that read one, `carry_reference` on): round 1 keeps its copy as the job's
@@ -191,9 +195,6 @@ def carried_for_copy(store: CarryStore, config, model: torch.nn.Module, copy_fil
     copy's basis gives the same log-probabilities and residual-stream hidden states.
     Optimiser state (`carry_optimizer` on, round > 1): the end of round r − 1; none with a warning.
     """
-    from pum.client.methods import frozen_reference, get_method, parse_params
-    from pum.client.trainer import Carried
-
     carried = Carried()
     method = get_method(config.method)
     if config.carry_reference and method.uses_reference(parse_params(method, config.params)):
