@@ -414,7 +414,7 @@ class Bench:
                                  task=task, workers=a.workers, device=self.device)
         model, tokenizer = self.load(job.model_dir)
         shutil.rmtree(work, ignore_errors=True)
-        return model, tokenizer, {"job_seconds": job.seconds, "rounds": len(job.status.get("rounds", []))}
+        return model, tokenizer, {"job_seconds": job.seconds, "rounds": len(job.status.rounds)}
 
 
 def options_of(args: argparse.Namespace, models: dict[str, Models]) -> dict:

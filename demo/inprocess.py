@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pum.common.qa import QAPair
+from pum.common.schemas import JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class InProcessJob:
     model_dir: Path  # the merged model (Hugging Face folder), under work_dir/out
-    status: dict  # the admin's last view of the job
+    status: JobStatus  # the admin's last view of the job
     seconds: float
 
 
@@ -44,6 +45,7 @@ def run_job_in_process(
     from pum.client.admin import AdminAPI
     from pum.client.api import WorkerAPI
     from pum.client.worker import Worker, WorkerOptions
+    from pum.common.states import JobAction, JobState
     from pum.server.app import create_app
     from pum.server.config import ServerSettings
 
@@ -56,20 +58,20 @@ def run_job_in_process(
     app = create_app(settings)
     with TestClient(app, headers={"Authorization": f"Bearer {admin_token}"}) as http:
         admin = AdminAPI(http)
-        job = admin.create_job(task, str(Path(model_dir).resolve()), pum, hyperparams)["id"]
+        job = admin.create_job(task, str(Path(model_dir).resolve()), pum, hyperparams).id
         tokens = [admin.issue_token(job, f"worker-{i}") for i in range(workers)]
-        admin.action(job, "start")
+        admin.action(job, JobAction.START)
         options = WorkerOptions(saves_dir=work_dir / "worker", carry_dir=work_dir / "carry", device=device,
                                 progress=False, max_copies=1, idk_answers=tuple(idk_answers) if idk_answers else None)
         turn, deadline = 0, time.monotonic() + timeout_s
-        while (status := admin.status(job))["state"] == "running":
+        while (status := admin.status(job)).state is JobState.RUNNING:
             if time.monotonic() > deadline:
-                admin.action(job, "abort")
+                admin.action(job, JobAction.ABORT)
                 raise TimeoutError(f"job {job} not finished after {timeout_s:g} s")
             client = TestClient(app, headers={"Authorization": f"Bearer {tokens[turn % workers]}"})
             Worker(WorkerAPI(client), forget, retain, options, sleep=time.sleep).run()
             turn += 1
-        if status["state"] != "finalized":
-            raise RuntimeError(f"job {job} ended {status['state']}: {status.get('error')}")
+        if status.state is not JobState.FINALIZED:
+            raise RuntimeError(f"job {job} ended {status.state}: {status.error}")
     log.info("in-process job %s finalized in %.0f s (%d turns)", job, time.perf_counter() - started, turn)
-    return InProcessJob(Path(status["output_dir"]), status, time.perf_counter() - started)
+    return InProcessJob(Path(status.output_dir), status, time.perf_counter() - started)
