@@ -63,6 +63,7 @@ def add_parsers(subparsers) -> None:
                               "auto (default): chat when the tokenizer has a template")
     unlearn.add_argument("--device", help="cuda, cpu (default: the GPU if any)")
     unlearn.add_argument("--threads", type=int, help="torch CPU threads")
+    add_step_options(unlearn)
     unlearn.set_defaults(run=run_unlearn)
 
     admin = subparsers.add_parser("admin", help="admin commands against a running server")
@@ -93,6 +94,22 @@ def add_parsers(subparsers) -> None:
     download.add_argument("dest", help="folder the model's files are written to (created if missing)")
     download.add_argument("--no-progress", action="store_true", help="no progress bars")
     admin.set_defaults(run=run_admin)
+
+
+def add_step_options(parser: argparse.ArgumentParser) -> None:
+    """How a step is computed (trainer keys of --hyperparams, README "Big models"); they override the JSON."""
+    parser.add_argument("--gradient-accumulation-steps", type=int, metavar="N",
+                        help="passes per step: each runs batch_size/N pairs (same result, less memory)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                        help="recompute activations in the backward pass (same result, less memory, ~1/3 slower)")
+    parser.add_argument("--bf16-autocast", action="store_true", default=None,
+                        help="bfloat16 matmuls on a GPU that has them; weights and optimiser state stay float32")
+
+
+def step_hyperparams(args: argparse.Namespace) -> dict:
+    """The step options given on the command line, as trainer keys."""
+    keys = ("gradient_accumulation_steps", "gradient_checkpointing", "bf16_autocast")
+    return {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -138,6 +155,7 @@ def run_unlearn(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     pum = {} if args.epochs is None else {"local_epochs": args.epochs}
     pum, hyperparams = canonical_job(pum, json.loads(args.hyperparams))
+    hyperparams.update(step_hyperparams(args))
     epochs = pum.get("local_epochs", float(os.environ.get("PUM_LOCAL_EPOCHS", 5)))
     task = TaskSpec(method=args.method, epochs=epochs, rounds=1, hyperparams=hyperparams,
                     prompt_format=args.prompt_format)
@@ -145,7 +163,8 @@ def run_unlearn(args: argparse.Namespace) -> int:
     device = args.device or default_device()
     model_dir = resolve_local(args.model_dir, "model_dir")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
+    # float32 weights whatever the checkpoint's dtype: bf16 weights would round away lr-sized updates.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     retain = load_qa(args.retain) if args.retain else None
     encoder = QAEncoder(tokenizer, task.prompt_format)
     metrics = run_unlearning(model, encoder, load_qa(args.forget), retain, config, progress=True)

@@ -116,7 +116,8 @@ def load_served_model(folder: Path, device: str, received: dict[str, torch.Tenso
     safe = {"trust_remote_code": False, "local_files_only": True}
     tokenizer = AutoTokenizer.from_pretrained(folder, **safe)
     model, info = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32 if device == "cpu" else "auto", use_safetensors=True,
+        folder, dtype=torch.float32, use_safetensors=True,  # float32 weights for any copy: bf16 ones would
+        # round away lr-sized updates (bf16_autocast makes the matmuls bf16, never the weights)
         output_loading_info=True, **safe,
     )
     state = model.state_dict()

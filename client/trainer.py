@@ -5,10 +5,17 @@ run (this round's share of the baseline's T steps, `pum.client.schedule`) and `r
 trains the model in place with the method from `pum.client.methods`. What a data owner carries
 from one round to the next (the job's reference model, the optimiser state) comes in and goes out
 through `Carried` (DESIGN.md §6); `pum.client.carry` keeps it on the worker's disk.
+
+How a step is computed, for models that do not fit one pass or one GPU: gradient accumulation
+(`pum.client.microbatch`: the step's batch in microbatches whose losses add up to the step's loss),
+gradient checkpointing, bf16 autocast on GPUs, and several processes training one copy
+(`DataParallel`; `pum.client.fsdp` shards the model with FSDP2). Only bf16 autocast changes the
+result beyond float rounding.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -24,6 +31,8 @@ from tqdm.auto import tqdm
 
 from pum.client.methods import frozen_reference, get_method, parse_params
 from pum.client.methods.idk import check_idk_answers
+from pum.client.microbatch import microbatches
+from pum.client.parallel import DataParallel, SingleProcess
 from pum.common.aliases import canonical_hyperparams
 from pum.client.schedule import lr_factor, round_steps, step_seed, total_steps
 from pum.common.qa import QAPair, collate
@@ -35,8 +44,9 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "linear")
 # TaskSpec.hyperparams keys that configure the loop; every other key is a method parameter.
 TRAINER_KEYS = ("lr", "optimizer", "weight_decay", "batch_size", "warmup_steps", "warmup_epochs", "schedule",
-                "max_length", "seed", "max_grad_norm", "carry_reference", "carry_optimizer", "global_schedule")
-_FLAGS = ("carry_reference", "carry_optimizer", "global_schedule")
+                "max_length", "seed", "max_grad_norm", "carry_reference", "carry_optimizer", "global_schedule",
+                "gradient_accumulation_steps", "gradient_checkpointing", "bf16_autocast")
+_FLAGS = ("carry_reference", "carry_optimizer", "global_schedule", "gradient_checkpointing", "bf16_autocast")
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,11 @@ class TrainConfig:
     carry_reference: bool = True  # the reference model is the job's first copy, not each round's copy
     carry_optimizer: bool = True  # the optimiser state continues from round r − 1 (never with reparameterization)
     global_schedule: bool = True  # round r runs steps [⌊(r−1)T/R⌋, ⌊rT/R⌋) of one schedule; False: ⌈T/R⌉ each, restarted
+    # How a step is computed: memory for speed, never the step itself (bf16 autocast aside).
+    gradient_accumulation_steps: int = 1  # passes per step and process: each runs batch_size/(processes·this) pairs
+    gradient_checkpointing: bool = False  # keep only each decoder block's input; recompute the rest in the backward
+    bf16_autocast: bool = False  # bfloat16 matmuls on a GPU that supports them (else float32, with a warning);
+    # the weights, their gradients and the optimiser state stay float32
 
     def __post_init__(self):
         method = get_method(self.method)  # ValueError listing the known names
@@ -76,7 +91,8 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be ≥ 0 (got {self.weight_decay})")
         if not self.epochs > 0:
             raise ValueError(f"epochs must be > 0 (got {self.epochs})")
-        for name, least in (("batch_size", 1), ("rounds", 1), ("round", 1), ("max_length", 2), ("warmup_steps", 0)):
+        for name, least in (("batch_size", 1), ("rounds", 1), ("round", 1), ("max_length", 2), ("warmup_steps", 0),
+                            ("gradient_accumulation_steps", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an integer ≥ {least} (got {value!r})")
@@ -186,20 +202,47 @@ class Carried:
     optimizer_state: dict | None = None
 
 
-def load_optimizer_state_inplace(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a carried `state_dict()["state"]` into `optimizer`, keeping its own param_groups (lr, betas…).
+def bf16_autocast_on(device: torch.device, asked: bool) -> bool:
+    """Whether to run under bfloat16 autocast: asked for, on a CUDA device that supports it (else a warning)."""
+    if asked and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        logger.warning("bf16_autocast: %s has no bfloat16 autocast here; training in float32", device)
+        return False
+    return asked
 
-    ValueError when the state does not fit the parameters (another model, another optimiser).
-    """
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    problems = [f"state of parameter {i} but the optimiser has {len(params)}" for i in state if not 0 <= i < len(params)]
-    for i, values in state.items():
-        for key, value in values.items():
-            if torch.is_tensor(value) and value.dim() > 0 and 0 <= i < len(params) and value.shape != params[i].shape:
-                problems.append(f"parameter {i} {key}: shape {tuple(value.shape)} ≠ {tuple(params[i].shape)}")
-    if problems:
-        raise ValueError("the carried optimiser state does not fit this model: " + "; ".join(problems[:5]))
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+def autocast(device: torch.device, on: bool) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on `device` when `on`: matmuls in bf16, the weights stay float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def checkpointing(model: torch.nn.Module, enabled: bool):
+    """Gradient checkpointing (transformers' non-reentrant one) on `model` while inside, when `enabled`."""
+    if enabled and not hasattr(model, "gradient_checkpointing_enable"):
+        raise ValueError(f"gradient_checkpointing needs a transformers model ({type(model).__name__} is not one)")
+    # transformers 5 names it activation checkpointing and checkpoints `forward`, so FSDP2's hooks run once.
+    new_names = hasattr(model, "activation_checkpointing_enable")
+    if not enabled or getattr(model, "is_activation_checkpointing" if new_names else "is_gradient_checkpointing"):
+        yield
+        return
+    if new_names:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        disable = model.activation_checkpointing_disable
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        disable = model.gradient_checkpointing_disable
+    try:
+        yield
+    finally:
+        disable()
+
+
+def _clip(parameters: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    """Clip the gradients' global L2 norm to `max_norm`; the norm before clipping (nan when off)."""
+    if max_norm is None:
+        return float("nan")
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor when sharded
 
 
 def run_unlearning(
@@ -214,6 +257,7 @@ def run_unlearning(
     progress: bool = False,
     log: Callable[[dict], None] | None = None,
     idk_answers: Sequence[str] | None = None,
+    parallel: DataParallel | None = None,
 ) -> dict:
     """Run the config's unlearning method on `model`, in place, for this round's steps of the job.
 
@@ -227,7 +271,8 @@ def run_unlearning(
     `carried.optimizer_state` when given and `carry_optimizer` is on, and leaves its final state
     there. The reference model, where the method reads one, is `carried.reference`, else a frozen
     copy of `model` as given. Runs on `device` when given (the model is moved there), else on the
-    model's device. `log` receives {"step", "global_step", "loss", "lr", "grad_norm", "seconds"}
+    model's device. With `parallel` (several processes, each holding a shard of `model`), each
+    process runs its microbatches of every step, and the reference must be given. `log` receives {"step", "global_step", "loss", "lr", "grad_norm", "seconds"}
     after each step. Returns {"steps", "first_step", "total_steps", "seconds", "first_loss",
     "last_loss", "method"}.
     """
@@ -243,6 +288,7 @@ def run_unlearning(
             f"method {method.name!r} needs a retain set (its retain weight alpha is {getattr(params, 'alpha', '?')}); "
             "give retain pairs, or set alpha to 0"
         )
+    parallel = parallel if parallel is not None else SingleProcess()
     if device is not None:
         model.to(device)
     device = next(model.parameters()).device
@@ -254,54 +300,58 @@ def run_unlearning(
     warmup = warmup_steps_for(config, len(forget))
     reference = None
     if method.uses_reference(params):
+        if carried.reference is None and parallel.world > 1:
+            raise ValueError(f"{method.name} reads a reference model: give it (sharded) to a run of several processes")
         reference = carried.reference if carried.reference is not None else frozen_reference(model)
         reference.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters")
     optimizer = _optimizer(config, trainable)
-    if config.carry_optimizer and carried.optimizer_state:
-        load_optimizer_state_inplace(optimizer, carried.optimizer_state)
+    if config.carry_optimizer:
+        parallel.load_optimizer_state(model, optimizer, carried.optimizer_state)
     forget_batches = _stream_from(forget, config.batch_size, config.seed, steps.start)
     retain_batches = _stream_from(retain, config.batch_size, config.seed + 1, steps.start) if use_retain else None
 
-    def on_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(device) for k, v in batch.items()}
+    def on_device(batch: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        return {k: v.to(device) for k, v in batch.items()} if batch is not None else None
 
+    def my_parts(batch: dict[str, torch.Tensor] | None) -> list:
+        return microbatches(batch, parallel.rank, parallel.world, config.gradient_accumulation_steps)
+
+    bf16 = bf16_autocast_on(device, config.bf16_autocast)
     was_training = model.training
     model.train()
     first_loss = last_loss = float("nan")
     start = time.perf_counter()
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda), tqdm(total=len(steps), disable=not progress, desc=method.name) as bar:
+    with (torch.random.fork_rng(devices=cuda), checkpointing(model, config.gradient_checkpointing),
+          tqdm(total=len(steps), disable=not progress, desc=method.name) as bar):
         try:
             for local, step in enumerate(steps):
                 seed = step_seed(config.seed, step)
                 torch.manual_seed(seed)
-                forget_batch = on_device(method.collate_forget(
+                forget_batch = method.collate_forget(
                     tokenizer, next(forget_batches), params, max_length=config.max_length,
                     generator=torch.Generator().manual_seed(seed), idk_answers=idk_answers,
-                ))
-                retain_batch = (
-                    on_device(collate(tokenizer, next(retain_batches), config.max_length))
-                    if retain_batches is not None
-                    else None
                 )
+                retain_batch = collate(tokenizer, next(retain_batches), config.max_length) if retain_batches else None
                 lr = config.lr * lr_factor(step - schedule_offset, schedule_total, warmup, config.schedule)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)
-                loss = method.loss(model, reference, forget_batch, retain_batch, params)
-                value = loss.item()
+                step_loss = torch.zeros((), device=device)
+                for forget_part, retain_part in zip(my_parts(forget_batch), my_parts(retain_batch)):
+                    with autocast(device, bf16):
+                        loss = method.loss(model, reference, on_device(forget_part), on_device(retain_part), params)
+                    loss.backward()  # the parts' gradients add up to the step's (each part's loss is its share)
+                    step_loss += loss.detach().float()
+                value = parallel.total(step_loss).item()  # the step's loss; every process sees the same value
                 if not math.isfinite(value):
                     raise FloatingPointError(
                         f"{method.name} loss is {value} at step {local + 1} of {len(steps)}: lower lr (now {config.lr})"
                     )
-                loss.backward()
-                grad_norm = (
-                    float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
-                    if config.max_grad_norm is not None else float("nan")
-                )
+                grad_norm = _clip(trainable, config.max_grad_norm)
                 optimizer.step()
                 if local == 0:
                     first_loss = value
@@ -315,7 +365,7 @@ def run_unlearning(
             optimizer.zero_grad(set_to_none=True)
             model.train(was_training)
     if config.carry_optimizer:
-        carried.optimizer_state = optimizer.state_dict()["state"]
+        carried.optimizer_state = parallel.optimizer_state(model, optimizer)
     seconds = time.perf_counter() - start
     logger.info("%s: steps %d–%d of %d in %.1f s, loss %.4f → %.4f", method.name, steps.start + 1, steps.stop, total,
                 seconds, first_loss, last_loss)

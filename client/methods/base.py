@@ -19,6 +19,12 @@ or KL(reference ‖ model) on B_r (`retain_loss="kl"`), and no retain batch need
 
 Notation (DESIGN.md §6): NLL(y|x) sums answer-token negative log-likelihoods, CE is the mean over
 all answer tokens of a batch, log π = −NLL.
+
+Microbatches. The trainer may split a step's batch into microbatches (gradient accumulation, and
+the ranks of a multi-GPU worker: `pum.client.microbatch`). It then stores the whole step's counts
+in each microbatch under `ANSWER_TOKENS`, `SEQUENCES` and `TOKENS`, and every mean a loss takes
+divides its microbatch's sum by the step's count, so the microbatch losses add up to the step's
+loss and their gradients to its gradient. Without those keys a batch is its own step.
 """
 
 from __future__ import annotations
@@ -36,6 +42,11 @@ from pum.common.qa import IGNORE_INDEX, QAPair, collate, token_nll
 Batch = Mapping[str, torch.Tensor]
 
 RETAIN_LOSSES = ("nll", "kl")
+
+# The step's counts a microbatch carries (0-dim float tensors); absent: the batch is the whole step.
+ANSWER_TOKENS = "step_answer_tokens"  # answer tokens (labels ≠ IGNORE_INDEX, after the shift): CE and token means
+SEQUENCES = "step_sequences"  # rows: sequence means (NPO, DPO, SimNPO)
+TOKENS = "step_tokens"  # attended tokens (attention_mask = 1): RMU's hidden-state MSEs
 
 
 class UnlearningMethod:
@@ -70,7 +81,8 @@ class UnlearningMethod:
     ) -> dict[str, torch.Tensor]:
         """The forget batch `loss` reads, built from `pairs` (CPU tensors).
 
-        The default is `collate(tokenizer, pairs, max_length)`. `generator` seeds any random choice
+        Every tensor of the batch has one row per pair (the trainer splits batches by rows into
+        microbatches). The default is `collate(tokenizer, pairs, max_length)`. `generator` seeds any random choice
         a method makes per batch; `idk_answers` replaces the packaged "I don't know" lines for the
         methods that use them (DPO). Both are ignored by methods that need neither.
         """
@@ -139,18 +151,26 @@ def answer_mask(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:] != IGNORE_INDEX
 
 
-def answer_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """CE: the mean next-token NLL over all answer tokens of the batch."""
-    return token_nll(logits, labels).sum() / answer_mask(labels).sum().clamp(min=1)
+def mean_of(values: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+    """values.mean(), or Σ values / count: the microbatch's share of a mean over the step's `count` items."""
+    return values.mean() if count is None else values.sum() / count
 
 
-def answer_kl(reference_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """KL(reference ‖ model) of the next-token distributions, mean over the batch's answer tokens."""
+def answer_ce(logits: torch.Tensor, labels: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+    """CE: the mean next-token NLL over all answer tokens of the batch (over the step's `count` of them when given)."""
+    total = token_nll(logits, labels).sum()
+    return total / (answer_mask(labels).sum().clamp(min=1) if count is None else count)
+
+
+def answer_kl(
+    reference_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, count: torch.Tensor | None = None
+) -> torch.Tensor:
+    """KL(reference ‖ model) of the next-token distributions, mean over the batch's answer tokens (or the step's `count`)."""
     log_p = F.log_softmax(logits[:, :-1, :].float(), dim=-1)
     log_q = F.log_softmax(reference_logits[:, :-1, :].float(), dim=-1)
     per_token = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(dim=-1)
     mask = answer_mask(labels)
-    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    return (per_token * mask).sum() / (mask.sum().clamp(min=1) if count is None else count)
 
 
 def retain_loss(model, reference, retain_batch: Batch, kind: str = "nll") -> torch.Tensor:
@@ -159,9 +179,10 @@ def retain_loss(model, reference, retain_batch: Batch, kind: str = "nll") -> tor
     if retain_batch is None:
         raise ValueError("this method's retain term needs a retain batch, but none was given")
     logits = forward_logits(model, retain_batch)
+    count = retain_batch.get(ANSWER_TOKENS)
     if kind == "nll":
-        return answer_ce(logits, retain_batch["labels"])
-    return answer_kl(reference_logits(reference, retain_batch), logits, retain_batch["labels"])
+        return answer_ce(logits, retain_batch["labels"], count)
+    return answer_kl(reference_logits(reference, retain_batch), logits, retain_batch["labels"], count)
 
 
 class RetainWeighted(UnlearningMethod):
@@ -205,11 +226,13 @@ def answer_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return logits[:, :-1, :].float()[mask], labels[:, 1:][mask]
 
 
-def weighted_ascent_loss(nll: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """−mean over the batch's answer tokens of w_t·NLL_t: token-weighted gradient ascent.
+def weighted_ascent_loss(
+    nll: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, count: torch.Tensor | None = None
+) -> torch.Tensor:
+    """−mean over the batch's answer tokens (or the step's `count`) of w_t·NLL_t: token-weighted gradient ascent.
 
     `nll` and `weights` are [batch, seq-1] (as from `token_nll`); the weights are detached here,
     so they scale each token's ascent step without being optimised themselves.
     """
     mask = answer_mask(labels)
-    return -(weights.detach() * nll * mask).sum() / mask.sum().clamp(min=1)
+    return -(weights.detach() * nll * mask).sum() / (mask.sum().clamp(min=1) if count is None else count)

@@ -22,17 +22,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Batch, RetainWeighted, answer_logits, check_retain_loss, forward_logits
+from .base import ANSWER_TOKENS, Batch, RetainWeighted, answer_logits, check_retain_loss, forward_logits
 from .registry import register
 
 
-def ceu_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """mean over answer tokens of CE(softmax(detached z with z[y] = −∞), softmax(z)); logits [batch, seq, vocab]."""
+def ceu_loss(logits: torch.Tensor, labels: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+    """mean over answer tokens (or the step's `count`) of CE(softmax(detached z with z[y] = −∞), softmax(z));
+    logits [batch, seq, vocab]."""
     z, targets = answer_logits(logits, labels)
     masked = z.detach().scatter(-1, targets.unsqueeze(-1), float("-inf"))
     q = F.softmax(masked, dim=-1)
     per_token = -(q * F.log_softmax(z, dim=-1)).sum(dim=-1)
-    return per_token.sum() / max(1, per_token.numel())
+    return per_token.sum() / (max(1, per_token.numel()) if count is None else count)
 
 
 @register
@@ -52,5 +53,5 @@ class CEU(RetainWeighted):
             check_retain_loss(self.retain_loss)
 
     def loss(self, model, reference, forget_batch: Batch, retain_batch: Batch | None, params: Params) -> torch.Tensor:
-        forget_term = ceu_loss(forward_logits(model, forget_batch), forget_batch["labels"])
+        forget_term = ceu_loss(forward_logits(model, forget_batch), forget_batch["labels"], forget_batch.get(ANSWER_TOKENS))
         return self.with_retain(forget_term, model, reference, retain_batch, params)

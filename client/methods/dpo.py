@@ -28,7 +28,9 @@ import torch.nn.functional as F
 
 from pum.common.qa import QAPair, collate, sequence_nll
 
-from .base import Batch, RetainWeighted, check_positive, check_retain_loss, forward_logits, reference_logits
+from .base import (
+    SEQUENCES, Batch, RetainWeighted, check_positive, check_retain_loss, forward_logits, mean_of, reference_logits,
+)
 from .idk import check_idk_answers, choose_idk, load_idk_answers
 from .registry import register
 
@@ -41,14 +43,15 @@ def dpo_forget_loss(
     log_p_forget: torch.Tensor,
     log_p_ref_forget: torch.Tensor,
     beta: float,
+    count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """−(2/β)·mean log σ(β·[(log π_θ − log π_ref)(y_idk) − (log π_θ − log π_ref)(y_f)]) over sequences.
 
     All four are sequence log-probabilities [batch]; written with softplus(−x) = −log σ(x), which
-    stays finite for any margin.
+    stays finite for any margin. `count`: the step's number of sequences (microbatches).
     """
     margin = (log_p_idk - log_p_ref_idk) - (log_p_forget - log_p_ref_forget)
-    return (2.0 / beta) * F.softplus(-beta * margin).mean()
+    return (2.0 / beta) * mean_of(F.softplus(-beta * margin), count)
 
 
 def _sub_batch(batch: Batch, prefix: str) -> dict[str, torch.Tensor]:
@@ -120,5 +123,6 @@ class DPO(RetainWeighted):
             _log_p(model, forget_batch),
             _log_p_ref(reference, forget_batch),
             params.beta,
+            forget_batch.get(SEQUENCES),
         )
         return self.with_retain(forget_term, model, reference, retain_batch, params)

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Batch, UnlearningMethod, answer_ce, forward_logits
+from .base import ANSWER_TOKENS, Batch, UnlearningMethod, answer_ce, forward_logits
 from .registry import register
 
 
-def gradient_ascent_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """L = −CE: minus the mean next-token NLL over the batch's answer tokens."""
-    return -answer_ce(logits, labels)
+def gradient_ascent_loss(logits: torch.Tensor, labels: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+    """L = −CE: minus the mean next-token NLL over the batch's answer tokens (or the step's `count`)."""
+    return -answer_ce(logits, labels, count)
 
 
 @register
@@ -31,4 +31,6 @@ class GradAscent(UnlearningMethod):
         pass  # no hyperparameters beyond the optimiser's
 
     def loss(self, model, reference, forget_batch: Batch, retain_batch: Batch | None, params: Params) -> torch.Tensor:
-        return gradient_ascent_loss(forward_logits(model, forget_batch), forget_batch["labels"])
+        return gradient_ascent_loss(
+            forward_logits(model, forget_batch), forget_batch["labels"], forget_batch.get(ANSWER_TOKENS)
+        )

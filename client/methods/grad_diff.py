@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Batch, UnlearningMethod, answer_ce, check_retain_loss, forward_logits, retain_loss
+from .base import ANSWER_TOKENS, Batch, UnlearningMethod, answer_ce, check_retain_loss, forward_logits, retain_loss
 from .registry import register
 
 
@@ -42,7 +42,7 @@ class GradDiff(UnlearningMethod):
         return params.alpha != 0
 
     def loss(self, model, reference, forget_batch: Batch, retain_batch: Batch | None, params: Params) -> torch.Tensor:
-        forget_ce = answer_ce(forward_logits(model, forget_batch), forget_batch["labels"])
+        forget_ce = answer_ce(forward_logits(model, forget_batch), forget_batch["labels"], forget_batch.get(ANSWER_TOKENS))
         if not self.uses_retain(params):
             return grad_diff_loss(forget_ce, torch.zeros_like(forget_ce), params.gamma, 0.0)
         retain_value = retain_loss(model, reference, retain_batch, params.retain_loss)

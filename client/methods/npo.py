@@ -20,13 +20,17 @@ import torch.nn.functional as F
 
 from pum.common.qa import sequence_nll
 
-from .base import Batch, UnlearningMethod, check_retain_loss, forward_logits, reference_logits, retain_loss
+from .base import (
+    SEQUENCES, Batch, UnlearningMethod, check_retain_loss, forward_logits, mean_of, reference_logits, retain_loss,
+)
 from .registry import register
 
 
-def npo_forget_loss(log_p_theta: torch.Tensor, log_p_ref: torch.Tensor, beta: float) -> torch.Tensor:
-    """(2/β)·mean softplus(β·(log π_θ − log π_ref)) over sequences (the log-probs are [batch])."""
-    return (2.0 / beta) * F.softplus(beta * (log_p_theta - log_p_ref)).mean()
+def npo_forget_loss(
+    log_p_theta: torch.Tensor, log_p_ref: torch.Tensor, beta: float, count: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(2/β)·mean softplus(β·(log π_θ − log π_ref)) over sequences (the log-probs are [batch]; or the step's `count`)."""
+    return (2.0 / beta) * mean_of(F.softplus(beta * (log_p_theta - log_p_ref)), count)
 
 
 @register
@@ -54,7 +58,7 @@ class NPO(UnlearningMethod):
         labels = forget_batch["labels"]
         nll_theta, _ = sequence_nll(forward_logits(model, forget_batch), labels)
         nll_ref, _ = sequence_nll(reference_logits(reference, forget_batch), labels)
-        forget_term = npo_forget_loss(-nll_theta, -nll_ref, params.beta)
+        forget_term = npo_forget_loss(-nll_theta, -nll_ref, params.beta, forget_batch.get(SEQUENCES))
         if not self.uses_retain(params):
             return params.gamma * forget_term
         return params.gamma * forget_term + params.alpha * retain_loss(model, reference, retain_batch, params.retain_loss)

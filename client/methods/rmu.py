@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Batch, UnlearningMethod, check_int, check_positive
+from .base import TOKENS, Batch, UnlearningMethod, check_int, check_positive
 from .registry import register
 
 
@@ -40,24 +40,32 @@ def random_unit_vector(dim: int, seed: int, *, dtype: torch.dtype = torch.float3
     return (u / u.norm()).to(dtype)
 
 
-def masked_mse(hidden: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the masked tokens and the hidden dimensions of (hidden − target)²; `target` broadcasts.
+def masked_mse(
+    hidden: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over the masked tokens (or the step's `count` of them) and the hidden dimensions of (hidden − target)²;
+    `target` broadcasts.
 
     hidden [batch, seq, d]; target [batch, seq, d] or [d]; mask [batch, seq] (1 or True = counted).
     """
     weights = mask.to(torch.float32).unsqueeze(-1)
     squared = (hidden.float() - target.float()) ** 2
-    return (squared * weights).sum() / (weights.sum().clamp(min=1) * hidden.size(-1))
+    tokens = weights.sum().clamp(min=1) if count is None else count
+    return (squared * weights).sum() / (tokens * hidden.size(-1))
 
 
-def rmu_forget_loss(hidden: torch.Tensor, mask: torch.Tensor, u: torch.Tensor, steering_coeff: float) -> torch.Tensor:
+def rmu_forget_loss(
+    hidden: torch.Tensor, mask: torch.Tensor, u: torch.Tensor, steering_coeff: float, count: torch.Tensor | None = None
+) -> torch.Tensor:
     """L_f: MSE between the hidden states on the forget batch and c·u, over its non-pad tokens."""
-    return masked_mse(hidden, steering_coeff * u, mask)
+    return masked_mse(hidden, steering_coeff * u, mask, count)
 
 
-def rmu_retain_loss(hidden: torch.Tensor, reference_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def rmu_retain_loss(
+    hidden: torch.Tensor, reference_hidden: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | None = None
+) -> torch.Tensor:
     """L_ret: MSE between the model's and the reference's hidden states on the retain batch."""
-    return masked_mse(hidden, reference_hidden, mask)
+    return masked_mse(hidden, reference_hidden, mask, count)
 
 
 def layer_index(n_layers: int, layer: int | None) -> int:
@@ -105,7 +113,8 @@ class RMU(UnlearningMethod):
     def loss(self, model, reference, forget_batch: Batch, retain_batch: Batch | None, params: Params) -> torch.Tensor:
         hidden = hidden_states(model, forget_batch, params.layer)
         u = random_unit_vector(hidden.size(-1), params.u_seed).to(hidden.device)
-        forget_term = rmu_forget_loss(hidden, forget_batch["attention_mask"], u, params.steering_coeff)
+        forget_term = rmu_forget_loss(hidden, forget_batch["attention_mask"], u, params.steering_coeff,
+                                      forget_batch.get(TOKENS))
         if not self.uses_retain(params):
             return params.gamma * forget_term
         if retain_batch is None:
@@ -115,5 +124,6 @@ class RMU(UnlearningMethod):
         retain_hidden = hidden_states(model, retain_batch, params.layer)
         with torch.no_grad():
             reference_hidden = hidden_states(reference, retain_batch, params.layer)
-        retain_term = rmu_retain_loss(retain_hidden, reference_hidden, retain_batch["attention_mask"])
+        retain_term = rmu_retain_loss(retain_hidden, reference_hidden, retain_batch["attention_mask"],
+                                      retain_batch.get(TOKENS))
         return params.gamma * forget_term + params.alpha * retain_term

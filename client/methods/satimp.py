@@ -21,7 +21,7 @@ import torch
 
 from pum.common.qa import token_nll
 
-from .base import Batch, RetainWeighted, check_retain_loss, forward_logits, weighted_ascent_loss
+from .base import ANSWER_TOKENS, Batch, RetainWeighted, check_retain_loss, forward_logits, weighted_ascent_loss
 from .registry import register
 
 
@@ -31,10 +31,12 @@ def satimp_weights(nll: torch.Tensor, beta1: float, beta2: float) -> torch.Tenso
     return p**beta1 * (1 - p) ** beta2
 
 
-def satimp_loss(logits: torch.Tensor, labels: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
-    """−mean over answer tokens of p_t^β1·(1 − p_t)^β2·NLL_t, weights detached."""
+def satimp_loss(
+    logits: torch.Tensor, labels: torch.Tensor, beta1: float, beta2: float, count: torch.Tensor | None = None
+) -> torch.Tensor:
+    """−mean over answer tokens (or the step's `count`) of p_t^β1·(1 − p_t)^β2·NLL_t, weights detached."""
     nll = token_nll(logits, labels)
-    return weighted_ascent_loss(nll, labels, satimp_weights(nll, beta1, beta2))
+    return weighted_ascent_loss(nll, labels, satimp_weights(nll, beta1, beta2), count)
 
 
 @register
@@ -58,5 +60,6 @@ class SatImp(RetainWeighted):
 
     def loss(self, model, reference, forget_batch: Batch, retain_batch: Batch | None, params: Params) -> torch.Tensor:
         logits = forward_logits(model, forget_batch)
-        forget_term = satimp_loss(logits, forget_batch["labels"], params.beta1, params.beta2)
+        forget_term = satimp_loss(logits, forget_batch["labels"], params.beta1, params.beta2,
+                                  forget_batch.get(ANSWER_TOKENS))
         return self.with_retain(forget_term, model, reference, retain_batch, params)

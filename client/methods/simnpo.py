@@ -33,18 +33,21 @@ import torch.nn.functional as F
 
 from pum.common.qa import sequence_nll
 
-from .base import Batch, RetainWeighted, check_positive, check_retain_loss, forward_logits
+from .base import SEQUENCES, Batch, RetainWeighted, check_positive, check_retain_loss, forward_logits, mean_of
 from .registry import register
 
 
-def simnpo_forget_loss(nll: torch.Tensor, lengths: torch.Tensor, beta: float, delta: float = 0.0) -> torch.Tensor:
+def simnpo_forget_loss(
+    nll: torch.Tensor, lengths: torch.Tensor, beta: float, delta: float = 0.0, count: torch.Tensor | None = None
+) -> torch.Tensor:
     """(2/β)·mean softplus(δ − β·NLL/|y|) = −(2/β)·mean log σ(β·NLL/|y| − δ), over sequences.
 
     `nll` [batch] sums each answer's token NLLs; `lengths` [batch] counts its answer tokens
-    (a sequence without answer tokens counts as length 1, so it adds (2/β)·softplus(δ)).
+    (a sequence without answer tokens counts as length 1, so it adds (2/β)·softplus(δ)); `count`:
+    the step's number of sequences (microbatches).
     """
     per_token = nll / lengths.clamp(min=1).to(nll.dtype)
-    return (2.0 / beta) * F.softplus(delta - beta * per_token).mean()
+    return (2.0 / beta) * mean_of(F.softplus(delta - beta * per_token), count)
 
 
 @register
@@ -66,5 +69,5 @@ class SimNPO(RetainWeighted):
 
     def loss(self, model, reference, forget_batch: Batch, retain_batch: Batch | None, params: Params) -> torch.Tensor:
         nll, lengths = sequence_nll(forward_logits(model, forget_batch), forget_batch["labels"])
-        forget_term = simnpo_forget_loss(nll, lengths, params.beta, params.delta)
+        forget_term = simnpo_forget_loss(nll, lengths, params.beta, params.delta, forget_batch.get(SEQUENCES))
         return self.with_retain(forget_term, model, reference, retain_batch, params)

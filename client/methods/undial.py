@@ -20,18 +20,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Batch, RetainWeighted, answer_logits, check_retain_loss, forward_logits, reference_logits
+from .base import ANSWER_TOKENS, Batch, RetainWeighted, answer_logits, check_retain_loss, forward_logits, reference_logits
 from .registry import register
 
 
-def undial_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, beta: float) -> torch.Tensor:
-    """mean over answer tokens of CE(softmax(z_ref − β·onehot(y)), softmax(z_θ)); logits [batch, seq, vocab]."""
+def undial_loss(
+    logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, beta: float, count: torch.Tensor | None = None
+) -> torch.Tensor:
+    """mean over answer tokens (or the step's `count`) of CE(softmax(z_ref − β·onehot(y)), softmax(z_θ));
+    logits [batch, seq, vocab]."""
     z, targets = answer_logits(logits, labels)
     z_ref, _ = answer_logits(ref_logits.detach(), labels)
     adjusted = z_ref - beta * F.one_hot(targets, z_ref.size(-1)).to(z_ref.dtype)
     q = F.softmax(adjusted, dim=-1)
     per_token = -(q * F.log_softmax(z, dim=-1)).sum(dim=-1)
-    return per_token.sum() / max(1, per_token.numel())
+    return per_token.sum() / (max(1, per_token.numel()) if count is None else count)
 
 
 @register
@@ -55,6 +58,7 @@ class UNDIAL(RetainWeighted):
     def loss(self, model, reference, forget_batch: Batch, retain_batch: Batch | None, params: Params) -> torch.Tensor:
         labels = forget_batch["labels"]
         forget_term = undial_loss(
-            forward_logits(model, forget_batch), reference_logits(reference, forget_batch), labels, params.beta
+            forward_logits(model, forget_batch), reference_logits(reference, forget_batch), labels, params.beta,
+            forget_batch.get(ANSWER_TOKENS),
         )
         return self.with_retain(forget_term, model, reference, retain_batch, params)

@@ -22,7 +22,7 @@ import torch
 
 from pum.common.qa import token_nll
 
-from .base import Batch, RetainWeighted, check_retain_loss, forward_logits, weighted_ascent_loss
+from .base import ANSWER_TOKENS, Batch, RetainWeighted, check_retain_loss, forward_logits, weighted_ascent_loss
 from .registry import register
 
 
@@ -31,10 +31,10 @@ def wga_weights(nll: torch.Tensor, beta: float) -> torch.Tensor:
     return torch.exp(-beta * nll.detach())
 
 
-def wga_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float) -> torch.Tensor:
-    """−mean over answer tokens of p_t^β·NLL_t, with p_t^β detached."""
+def wga_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float, count: torch.Tensor | None = None) -> torch.Tensor:
+    """−mean over answer tokens (or the step's `count`) of p_t^β·NLL_t, with p_t^β detached."""
     nll = token_nll(logits, labels)
-    return weighted_ascent_loss(nll, labels, wga_weights(nll, beta))
+    return weighted_ascent_loss(nll, labels, wga_weights(nll, beta), count)
 
 
 @register
@@ -55,5 +55,6 @@ class WGA(RetainWeighted):
             check_retain_loss(self.retain_loss)
 
     def loss(self, model, reference, forget_batch: Batch, retain_batch: Batch | None, params: Params) -> torch.Tensor:
-        forget_term = wga_loss(forward_logits(model, forget_batch), forget_batch["labels"], params.beta)
+        forget_term = wga_loss(forward_logits(model, forget_batch), forget_batch["labels"], params.beta,
+                               forget_batch.get(ANSWER_TOKENS))
         return self.with_retain(forget_term, model, reference, retain_batch, params)

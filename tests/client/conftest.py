@@ -80,6 +80,32 @@ def make_model(tokenizer):
     return build
 
 
+@pytest.fixture(scope="session")
+def make_learned_model(make_model, tokenizer, forget_pairs, retain_pairs):
+    """A factory: a fresh copy of the tiny model after 30 full-batch AdamW steps on forget + retain (it knows the
+    answers). Unlearning starts from such a model in use; on a random one, some gradients are float-rounding
+    cancellations that AdamW turns into full steps, so two equal computations in another order drift apart."""
+    from pum.common.qa import collate, sequence_nll
+
+    model = make_model(0)
+    batch = collate(tokenizer, forget_pairs + retain_pairs)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(30):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll, counts = sequence_nll(logits, batch["labels"])
+        optimizer.zero_grad()
+        (nll.sum() / counts.sum()).backward()
+        optimizer.step()
+    state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+    def build(seed: int = 0) -> LlamaForCausalLM:  # the seed is ignored: one learned model
+        fresh = make_model(seed)
+        fresh.load_state_dict(state)
+        return fresh
+
+    return build
+
+
 @pytest.fixture
 def model(make_model) -> LlamaForCausalLM:
     return make_model(0)
