@@ -184,47 +184,75 @@ def _fsync(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def reference_file(store: CarryStore, config: TrainConfig, copy_file: Path, round_: int) -> Path | None:
+    """The file a copy of round `round_` builds its reference model from; None when the method reads none.
+
+    With `carry_reference` on: round 1 keeps its copy as the job's reference (first copy wins) and
+    trains against that copy; later rounds read the kept one. A data owner that joins after round 1
+    has none: this copy becomes the reference, with a warning. With it off: the copy itself.
+    Reparameterizations preserve the function, so a reference in another copy's basis gives the same
+    log-probabilities and residual-stream hidden states.
+    """
+    method = get_method(config.method)
+    if not method.uses_reference(parse_params(method, config.params)):
+        return None
+    if not config.carry_reference:
+        return copy_file
+    if round_ > 1 and store.has_reference():
+        return store.reference_path
+    if round_ > 1:
+        log.warning("round %d: no reference kept from round 1 in %s (this data owner joined late): "
+                    "this copy becomes the job's reference", round_, store.root)
+    store.keep_reference(copy_file)
+    return copy_file
+
+
+def carried_optimizer_state(store: CarryStore, config: TrainConfig, round_: int) -> dict[int, dict[str, Any]] | None:
+    """The optimiser state a copy of round `round_` starts from: the end of round r − 1 (`carry_optimizer` on,
+    round > 1), or None (with a warning when round r − 1 left none)."""
+    if not (config.carry_optimizer and round_ > 1):
+        return None
+    state = store.load_optimizer_state(round_ - 1)
+    if state is None:
+        log.warning("round %d: no optimiser state from round %d in %s (this data owner joined late): "
+                    "starting it afresh", round_, round_ - 1, store.root)
+    return state
+
+
 def carried_for_copy(store: CarryStore, config: TrainConfig, model: torch.nn.Module, copy_file: Path,
                      round_: int) -> Carried:
-    """The `Carried` a copy of round `round_` starts from, taken from `store` (call it before training).
-
-    Reference (methods that read one, `carry_reference` on): round 1 keeps its copy as the job's
-    reference (first copy wins) and trains against that copy; later rounds load the kept one into a
-    frozen twin of `model`. A data owner that joins after round 1 has none: this copy becomes the
-    reference, with a warning. Reparameterizations preserve the function, so a reference in another
-    copy's basis gives the same log-probabilities and residual-stream hidden states.
-    Optimiser state (`carry_optimizer` on, round > 1): the end of round r − 1; none with a warning.
-    """
+    """The `Carried` a copy of round `round_` starts from, taken from `store` (call it before training):
+    the reference of `reference_file` (a frozen twin of `model`; None when it is the copy itself, which
+    the trainer copies) and the optimiser state of `carried_optimizer_state`."""
     carried = Carried()
-    method = get_method(config.method)
-    if config.carry_reference and method.uses_reference(parse_params(method, config.params)):
-        if round_ > 1 and store.has_reference():
-            carried.reference = frozen_reference(model)
-            load_weights_inplace(carried.reference, store.load_reference())
-        else:
-            if round_ > 1:
-                log.warning("round %d: no reference kept from round 1 in %s (this data owner joined late): "
-                            "this copy becomes the job's reference", round_, store.root)
-            store.keep_reference(copy_file)
-    if config.carry_optimizer and round_ > 1:
-        carried.optimizer_state = store.load_optimizer_state(round_ - 1)
-        if carried.optimizer_state is None:
-            log.warning("round %d: no optimiser state from round %d in %s (this data owner joined late): "
-                        "starting it afresh", round_, round_ - 1, store.root)
+    source = reference_file(store, config, copy_file, round_)
+    if source is not None and source != copy_file:
+        carried.reference = frozen_reference(model)
+        load_weights_inplace(carried.reference, store.load_reference())
+    carried.optimizer_state = carried_optimizer_state(store, config, round_)
     return carried
+
+
+def weight_mismatches(model: torch.nn.Module, shapes: dict[str, torch.Size]) -> dict[str, list[str]]:
+    """How tensors of these names and shapes fail to cover `model`'s weights: {"unknown", "other shapes",
+    "missing"} → names (empty lists when they fit). A tied weight absent from `shapes` follows its twin."""
+    expected = model.state_dict()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    given = {id(params[n]) for n in shapes if n in params}
+    return {
+        "unknown": sorted(set(shapes) - set(expected)),
+        "other shapes": sorted(n for n in set(shapes) & set(expected) if tuple(shapes[n]) != tuple(expected[n].shape)),
+        "missing": sorted(n for n in set(expected) - set(shapes) if n not in params or id(params[n]) not in given),
+    }
 
 
 @torch.no_grad()
 def load_weights_inplace(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy a copy file's tensors into `model`; ValueError unless they cover every weight the model has
     (a tied weight absent from the file follows its twin) with the same shapes. The model is unchanged on error."""
-    expected = model.state_dict()
-    unknown = sorted(set(tensors) - set(expected))
-    wrong = sorted(n for n in set(tensors) & set(expected) if tensors[n].shape != expected[n].shape)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    loaded = {id(params[n]) for n in tensors if n in params}
-    missing = sorted(n for n in set(expected) - set(tensors) if n not in params or id(params[n]) not in loaded)
-    if unknown or wrong or missing:
-        raise ValueError(f"the kept reference does not fit this copy (unknown {unknown[:3]}, other shapes {wrong[:3]}, "
-                         f"missing {missing[:3]}): delete the job's carry folder if the job was recreated")
+    problems = weight_mismatches(model, {name: tensor.shape for name, tensor in tensors.items()})
+    if any(problems.values()):
+        raise ValueError(f"the kept reference does not fit this copy (unknown {problems['unknown'][:3]}, other shapes "
+                         f"{problems['other shapes'][:3]}, missing {problems['missing'][:3]}): delete the job's carry "
+                         "folder if the job was recreated")
     model.load_state_dict(tensors, strict=False)

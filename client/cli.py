@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -42,6 +43,9 @@ def add_parsers(subparsers) -> None:
     worker.add_argument("--idk", help="'I don't know' answers for DPO, one per line (default: TOFU's list)")
     worker.add_argument("--ca-file", help="CA bundle to verify the server's TLS certificate")
     worker.add_argument("--no-progress", action="store_true", help="no progress bars")
+    worker.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                        help="train each copy with N processes of this machine, one per GPU (FSDP2 under torchrun); "
+                        "process 0 talks to the server")
     worker.set_defaults(run=run_worker)
 
     unlearn = subparsers.add_parser("unlearn", help="run an inner method directly on a model (the baseline, no PUM)")
@@ -121,8 +125,14 @@ def run_worker(args: argparse.Namespace) -> int:
     from .methods import load_idk_answers
     from .worker import Worker, WorkerOptions
 
+    from .fsdp_worker import relaunch_under_torchrun, run_group_worker, under_torchrun
+
     if not args.token:
         raise SystemExit("pum worker: give --token or set PUM_WORKER_TOKEN")
+    if args.nproc_per_node < 1:
+        raise SystemExit(f"pum worker: --nproc-per-node must be ≥ 1 (got {args.nproc_per_node})")
+    if args.nproc_per_node > 1 and not under_torchrun():
+        relaunch_under_torchrun(args.nproc_per_node, sys.argv[1:])  # does not return
     if args.threads:
         torch.set_num_threads(args.threads)
     forget = load_qa(args.forget)
@@ -132,8 +142,18 @@ def run_worker(args: argparse.Namespace) -> int:
         device=args.device, progress=not args.no_progress, max_copies=args.max_copies,
         idk_answers=load_idk_answers(args.idk) if args.idk else None,
     )
-    with http_client(args.server, args.token, args.ca_file) as http:
-        done = Worker(WorkerAPI(http), forget, retain, options).run()
+    @contextlib.contextmanager
+    def open_api():
+        with http_client(args.server, args.token, args.ca_file) as http:
+            yield WorkerAPI(http)
+
+    if under_torchrun():
+        done = run_group_worker(open_api, forget, retain, options)
+        if done is None:  # a follower: process 0 reports
+            return 0
+    else:
+        with open_api() as api:
+            done = Worker(api, forget, retain, options).run()
     print(json.dumps({"copies_uploaded": done}))
     return 0
 

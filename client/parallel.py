@@ -13,19 +13,25 @@ from typing import Protocol
 import torch
 
 
+def optimizer_state_problems(state: dict, shapes: list[tuple[int, ...]]) -> list[str]:
+    """Why a carried `state_dict()["state"]` does not fit parameters of these shapes (at most 5 reasons; [] if it fits)."""
+    problems = [f"state of parameter {i} but the optimiser has {len(shapes)}" for i in state if not 0 <= i < len(shapes)]
+    for i, values in state.items():
+        for key, value in values.items():
+            if torch.is_tensor(value) and value.dim() > 0 and 0 <= i < len(shapes) and tuple(value.shape) != shapes[i]:
+                problems.append(f"parameter {i} {key}: shape {tuple(value.shape)} ≠ {shapes[i]}")
+    return problems[:5]
+
+
 def load_optimizer_state_inplace(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load a carried `state_dict()["state"]` into `optimizer`, keeping its own param_groups (lr, betas…).
 
     ValueError when the state does not fit the parameters (another model, another optimiser).
     """
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    problems = [f"state of parameter {i} but the optimiser has {len(params)}" for i in state if not 0 <= i < len(params)]
-    for i, values in state.items():
-        for key, value in values.items():
-            if torch.is_tensor(value) and value.dim() > 0 and 0 <= i < len(params) and value.shape != params[i].shape:
-                problems.append(f"parameter {i} {key}: shape {tuple(value.shape)} ≠ {tuple(params[i].shape)}")
+    shapes = [tuple(p.shape) for group in optimizer.param_groups for p in group["params"]]
+    problems = optimizer_state_problems(state, shapes)
     if problems:
-        raise ValueError("the carried optimiser state does not fit this model: " + "; ".join(problems[:5]))
+        raise ValueError("the carried optimiser state does not fit this model: " + "; ".join(problems))
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 

@@ -2,7 +2,8 @@
 
 A worker holds the forget set (and optionally a retain set) and never sends it; it sends only
 Δ = (trained copy − received copy) in float32. A failure on one copy is reported to the server
-(the copy is offered again) and the loop goes on.
+(the copy is offered again) and the loop goes on. The training itself is `Worker.train_copy`
+(one process) or a `CopyTrainer` passed in (`pum.client.fsdp_worker`: one copy on several GPUs).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Protocol
 
 import torch
 from tqdm import tqdm
@@ -24,7 +25,7 @@ from pum.common.codec import TensorInfo, save_file_atomic
 from pum.common.errors import PumError
 from pum.common.prompts import QAEncoder
 from pum.common.qa import QAPair
-from pum.common.schemas import LeaseDone, LeaseGranted, LeaseWait
+from pum.common.schemas import LeaseDone, LeaseGranted, LeaseWait, TaskSpec
 
 from .api import WorkerAPI
 from .carry import CarryStore, carried_for_copy
@@ -54,10 +55,37 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@dataclass(frozen=True)
+class ReceivedCopy:
+    """A downloaded copy, ready to train: what a `CopyTrainer` gets."""
+
+    folder: Path  # the served config and tokenizer files (checked), and model.safetensors
+    received: dict[str, torch.Tensor]  # the copy's tensors (file-backed)
+    task: TaskSpec  # as the server sent it
+    config: TrainConfig  # TrainConfig.from_task(task, round)
+    round: int
+    store: CarryStore  # the job's carried reference and optimiser state
+    log: Callable[[dict], None]  # one call per training step
+
+    @property
+    def file(self) -> Path:
+        return self.folder / "model.safetensors"
+
+
+class CopyTrainer(Protocol):
+    def __call__(self, copy: ReceivedCopy, delta_path: Path) -> dict:
+        """Train `copy`, keep what the next round carries, write Δ to `delta_path`; the training metrics."""
+
+
+class FatalWorkerError(Exception):
+    """This worker cannot go on (its training processes are out of step): give the lease back and stop."""
+
+
 class Worker:
     def __init__(
         self, api: WorkerAPI, forget: list[QAPair], retain: list[QAPair] | None,
         options: WorkerOptions = WorkerOptions(), sleep: Callable[[float], None] = time.sleep,
+        trainer: CopyTrainer | None = None,
     ):
         self.api = api
         self.forget = forget
@@ -65,6 +93,7 @@ class Worker:
         self.options = options
         self.device = options.device or default_device()
         self.sleep = sleep
+        self.trainer = trainer or self.train_copy
         self.done = 0
         self.failed = 0
         self._failed_in_a_row = 0
@@ -86,6 +115,9 @@ class Worker:
                 self.process(reply)
                 self.done += 1
                 self._failed_in_a_row = 0
+            except FatalWorkerError as err:
+                self._give_back(reply.get("lease_id"), f"{type(err).__name__}: {err}")
+                raise
             except Exception as err:  # whatever went wrong, the copy goes back to the pool now
                 self._count_failure()
                 if isinstance(err, (PumError, RefusedLease)):  # a refusal by either side: its message says it all
@@ -118,25 +150,13 @@ class Worker:
                 self.api.download_copy(lease.id, workdir / "model.safetensors", bar.update, partial(set_total, bar))
             downloaded = time.perf_counter()
             received = read_copy(workdir / "model.safetensors")
-            model, tokenizer = load_served_model(workdir, self.device, received)
-            tokenizer = QAEncoder(tokenizer, lease.task.prompt_format)  # the job's prompt format for every batch
-            carried = carried_for_copy(store, config, model, workdir / "model.safetensors", lease.round)
             copy_dir = self._copy_dir(lease.task_name, lease.round)
-            metrics_log = (copy_dir / "train_log.jsonl").open("w")
-            try:
-                train = run_unlearning(
-                    model, tokenizer, self.forget, self.retain, config, carried=carried,
-                    progress=self.options.progress, log=lambda row: metrics_log.write(json.dumps(row) + "\n"),
-                    idk_answers=self.options.idk_answers,
-                )
-            finally:
-                metrics_log.close()
-            if config.carry_optimizer:
-                # Before the upload: the upload that completes the round lets round r + 1 start at once.
-                store.save_optimizer_state(lease.round, carried.optimizer_state or {})
-            trained = time.perf_counter()
             delta_path = workdir / "delta.safetensors"
-            _write_delta(model, received, delta_path)
+            with (copy_dir / "train_log.jsonl").open("w") as metrics_log:
+                copy = ReceivedCopy(workdir, received, lease.task, config, lease.round, store,
+                                    lambda row: metrics_log.write(json.dumps(row) + "\n"))
+                train = self.trainer(copy, delta_path)
+            trained = time.perf_counter()
             with self._bar("upload", delta_path.stat().st_size) as bar:
                 result = self.api.upload_delta(lease.id, delta_path, bar.update)
         metrics = {
@@ -147,6 +167,21 @@ class Worker:
         (copy_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         log.info("round %d copy done in %s: %s", lease.round, copy_dir.name, metrics["seconds"])
         return metrics
+
+    def train_copy(self, copy: ReceivedCopy, delta_path: Path) -> dict:
+        """The one-process `CopyTrainer`: the whole model on this worker's device."""
+        model, tokenizer = load_served_model(copy.folder, self.device, copy.received)
+        tokenizer = QAEncoder(tokenizer, copy.task.prompt_format)  # the job's prompt format for every batch
+        carried = carried_for_copy(copy.store, copy.config, model, copy.file, copy.round)
+        train = run_unlearning(
+            model, tokenizer, self.forget, self.retain, copy.config, carried=carried,
+            progress=self.options.progress, log=copy.log, idk_answers=self.options.idk_answers,
+        )
+        if copy.config.carry_optimizer:
+            # Before the upload: the upload that completes the round lets round r + 1 start at once.
+            copy.store.save_optimizer_state(copy.round, carried.optimizer_state or {})
+        _write_delta(model.state_dict(), copy.received, delta_path)
+        return train
 
     def _copy_dir(self, task: str, round_: int) -> Path:
         """saves/unlearn/<task>/pum_round{r}_copy{k}: k counts this machine's copies of the round."""
@@ -179,14 +214,18 @@ class Worker:
         return byte_bar(desc, total, enabled=self.options.progress)
 
 
-def _write_delta(model: torch.nn.Module, received: dict[str, torch.Tensor], path: Path) -> None:
+def _write_delta(state: dict[str, torch.Tensor], received: dict[str, torch.Tensor], path: Path) -> None:
     """Δ = trained − received for every tensor of the copy, in float32 (upcast before subtracting)."""
-    state = model.state_dict()
     missing = sorted(set(received) - set(state))
     if missing:
         raise ValueError(f"the trained model lacks tensors of the copy: {missing[:5]}")
+    write_delta(received, (state[name] for name in received), path)
+
+
+def write_delta(received: dict[str, torch.Tensor], trained: Iterator[torch.Tensor], path: Path) -> None:
+    """Δ = trained − received, tensor by tensor in `received`'s order (`trained` yields them so), in float32."""
     infos = [TensorInfo(name, "F32", tuple(t.shape)) for name, t in received.items()]
-    deltas = (state[i.name].detach().to("cpu", torch.float32) - received[i.name].to(torch.float32) for i in infos)
+    deltas = (t.detach().to("cpu", torch.float32) - received[i.name].to(torch.float32) for i, t in zip(infos, trained))
     save_file_atomic(path, infos, deltas)
 
 
