@@ -42,7 +42,7 @@ from .carry import carried_optimizer_state, reference_file, weight_mismatches
 from .fsdp import FsdpGroup, build_sharded, full_tensors, meta_model
 from .methods import get_method, parse_params
 from .trainer import Carried, TrainConfig, bf16_autocast_on, run_unlearning
-from .worker import FatalWorkerError, ReceivedCopy, write_delta
+from .worker import FatalWorkerError, ReceivedCopy, Worker, write_delta
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class FsdpCopyTrainer:
             raise FatalWorkerError(f"training processes out of step after {type(err).__name__}: {err}") from err
         if copy.config.carry_optimizer:
             copy.store.save_optimizer_state(copy.round, carried.optimizer_state or {})
-        return train
+        return {**train, "processes": self.group.world}
 
     def _prepare(self, copy: ReceivedCopy) -> tuple[dict[str, torch.Tensor] | None, dict | None]:
         """Everything only process 0 can check, before the others hear of the copy: the copy fits the
