@@ -29,6 +29,7 @@ from pum.common.schemas import LeaseDone, LeaseGranted, LeaseWait, TaskSpec
 
 from .api import WorkerAPI
 from .carry import CarryStore, carried_for_copy
+from .disk import check_copy_space
 from .lease_checks import (
     MAX_PUBLIC_FILE_BYTES, RefusedLease, check_lease, check_served_files, is_lease_id, load_served_model, read_copy,
 )
@@ -147,7 +148,8 @@ class Worker:
                 self.api.public_file(name, workdir / name, MAX_PUBLIC_FILE_BYTES)
             check_served_files(workdir)
             with self._bar("download") as bar:
-                self.api.download_copy(lease.id, workdir / "model.safetensors", bar.update, partial(set_total, bar))
+                self.api.download_copy(lease.id, workdir / "model.safetensors", bar.update,
+                                       partial(self._before_copy, bar, workdir))
             downloaded = time.perf_counter()
             received = read_copy(workdir / "model.safetensors")
             copy_dir = self._copy_dir(lease.task_name, lease.round)
@@ -208,6 +210,12 @@ class Worker:
             self.api.release(lease_id, reason)
         except Exception as err:  # the lease will expire on its own
             log.warning("could not give back %s: %s", lease_id, err)
+
+    @staticmethod
+    def _before_copy(bar: tqdm, workdir: Path, size: int) -> None:
+        """Once the copy's size is known, before its first byte: room for it and its Δ, and the bar's total."""
+        check_copy_space(workdir, size)
+        set_total(bar, size)
 
     def _bar(self, desc: str, total: int | None = None) -> tqdm:
         """A byte bar with total and ETA; a download's total comes with its Content-Length."""
