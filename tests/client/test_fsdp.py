@@ -1,7 +1,7 @@
 """FSDP2 on two CPU processes (gloo, under torchrun) trains a copy as one process does: the gathered
 weights and the full optimiser state equal single-process training to float tolerance, with a
 reference model (NPO, DPO), with AdamW carried in from a one-process round and out to the next,
-and with accumulation on top of the data-parallel split."""
+with accumulation on top of the data-parallel split, and with gradient checkpointing."""
 
 from __future__ import annotations
 
@@ -82,7 +82,8 @@ def test_two_fsdp_processes_train_as_one(tmp_path, make_learned_model, tokenizer
     round1_dir = save_model(round1_model, tokenizer, tmp_path / "round1")
     CarryStore(tmp_path / "carry1").save_optimizer_state(1, round1_state)
     npo2 = dataclasses.replace(npo, round=2, gradient_accumulation_steps=2)
-    configs = {"graddiff": (start_dir, graddiff, None), "dpo_sgd": (start_dir, dpo_sgd, None),
+    configs = {"graddiff": (start_dir, dataclasses.replace(graddiff, gradient_checkpointing=True), None),
+               "dpo_sgd": (start_dir, dpo_sgd, None),
                "npo_round2": (round1_dir, npo2, str(tmp_path / "carry1"))}
     run_torchrun([{"model": model, "forget": forget, "retain": retain, "config": as_json(config),
                    "out": str(tmp_path / name), "state_in": state} for name, (model, config, state) in configs.items()],
@@ -115,20 +116,16 @@ def test_two_fsdp_processes_train_as_one(tmp_path, make_learned_model, tokenizer
 
 
 def test_pum_worker_on_two_processes_keeps_the_kappa_zero_law(tmp_path, make_learned_model, tokenizer, forget_pairs,
-                                                              retain_pairs):
+                                                              retain_pairs, serve_app):
     """`pum worker --nproc-per-node 2` against a real server (uvicorn on 127.0.0.1): with κ = 0 and no
     reparameterization, PUM's merged model is the one-process baseline (DESIGN.md §6), through process 0's
     lease, download, broadcast, sharded training with the carried reference and AdamW state, gather and upload."""
-    import threading
-    import time
-
-    import uvicorn
+    from transformers import AutoModelForCausalLM
 
     from pum.client.admin import AdminAPI
     from pum.client.cli import http_client
     from pum.common.schemas import TaskSpec
-    from pum.demo.cluster import PUM, free_port
-    from pum.server.app import create_app
+    from pum.demo.cluster import PUM
     from pum.server.config import ServerSettings
 
     model_dir = Path(save_model(make_learned_model(), tokenizer, tmp_path / "model"))
@@ -139,33 +136,20 @@ def test_pum_worker_on_two_processes_keeps_the_kappa_zero_law(tmp_path, make_lea
     pum = {"copies_m": 2, "rounds_R": 2, "inner_handler": "NPO", "local_epochs": 3.5, "noise_kappa": 0.0,
            "jitter_tau": 0.0, "use_orthogonal_reparam": False, "seed": 7}
     settings = ServerSettings(state_dir=tmp_path / "state", saves_dir=tmp_path / "out", admin_token="fsdp-admin")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while not server.started:
-            time.sleep(0.05)
-        with http_client(url, "fsdp-admin") as http:
-            admin = AdminAPI(http)
-            job = admin.create_job("fsdp", str(model_dir), pum, hyper)["id"]
-            token = admin.issue_token(job, "w")
-            admin.action(job, "start")
-            command = [*PUM, "worker", "--server", url, "--token", token, "--forget", forget, "--retain", retain,
-                       "--saves-dir", str(tmp_path / "saves"), "--device", "cpu", "--threads", "1", "--no-progress",
-                       "--nproc-per-node", "2"]
-            done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                                  timeout=600)
-            assert done.returncode == 0, done.stderr[-4000:]
-            assert json.loads(done.stdout.strip().splitlines()[-1]) == {"copies_uploaded": 4}
-            assert admin.wait(job, timeout_s=60)["state"] == "finalized"
-            merged = load_file(admin.download_model(job, tmp_path / "merged") / "model.safetensors")
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-    from transformers import AutoModelForCausalLM
+    with serve_app(settings) as url, http_client(url, "fsdp-admin") as http:
+        admin = AdminAPI(http)
+        job = admin.create_job("fsdp", str(model_dir), pum, hyper)["id"]
+        token = admin.issue_token(job, "w")
+        admin.action(job, "start")
+        command = [*PUM, "worker", "--server", url, "--token", token, "--forget", forget, "--retain", retain,
+                   "--saves-dir", str(tmp_path / "saves"), "--device", "cpu", "--threads", "1", "--no-progress",
+                   "--nproc-per-node", "2"]
+        done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == {"copies_uploaded": 4}
+        assert admin.wait(job, timeout_s=60)["state"] == "finalized"
+        merged = load_file(admin.download_model(job, tmp_path / "merged") / "model.safetensors")
 
     baseline = AutoModelForCausalLM.from_pretrained(model_dir)
     task = TaskSpec(method="NPO", epochs=3.5, rounds=1, hyperparams={**hyper, "gradient_accumulation_steps": 1})

@@ -12,9 +12,6 @@ and the reference of rounds 2 and 3 is round 1's copy.
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -126,41 +123,25 @@ def test_two_workers_sharing_a_carry_folder_keep_the_law(server, trained_dir, to
 
 
 @pytest.mark.e2e
-def test_the_law_over_real_http(tmp_path, trained_dir, tokenizer, forget_pairs, retain_pairs):
+def test_the_law_over_real_http(tmp_path, trained_dir, tokenizer, forget_pairs, retain_pairs, serve_app):
     """The same law through uvicorn on 127.0.0.1 and httpx: NPO with AdamW, both copies per round by one worker."""
     model_dir = trained_dir
-    import uvicorn
-
     from pum.client.admin import AdminAPI
     from pum.client.cli import http_client
-    from pum.demo.cluster import free_port
-    from pum.server.app import create_app
     from pum.server.config import ServerSettings
 
     settings = ServerSettings(state_dir=tmp_path / "state", saves_dir=tmp_path / "out", admin_token="law-admin")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        with http_client(url, "law-admin") as http:
-            admin = AdminAPI(http)
-            job = admin.create_job("law-http", str(model_dir), {**pum_settings("NPO"), "seed": 7},
-                                   hyperparams("adamw"))["id"]
-            token = admin.issue_token(job, "w")
-            admin.action(job, "start")
-            with http_client(url, token) as worker_http:
-                options = WorkerOptions(saves_dir=tmp_path / "saves", progress=False)
-                assert Worker(WorkerAPI(worker_http), forget_pairs, retain_pairs, options).run() == ROUNDS * COPIES
-            assert admin.wait(job, timeout_s=60)["state"] == "finalized"
-            merged_dir = admin.download_model(job, tmp_path / "merged")
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serve_app(settings) as url, http_client(url, "law-admin") as http:
+        admin = AdminAPI(http)
+        job = admin.create_job("law-http", str(model_dir), {**pum_settings("NPO"), "seed": 7},
+                               hyperparams("adamw"))["id"]
+        token = admin.issue_token(job, "w")
+        admin.action(job, "start")
+        with http_client(url, token) as worker_http:
+            options = WorkerOptions(saves_dir=tmp_path / "saves", progress=False)
+            assert Worker(WorkerAPI(worker_http), forget_pairs, retain_pairs, options).run() == ROUNDS * COPIES
+        assert admin.wait(job, timeout_s=60)["state"] == "finalized"
+        merged_dir = admin.download_model(job, tmp_path / "merged")
     merged = load_file(merged_dir / "model.safetensors")
     original = load_file(model_dir / "model.safetensors")
     assert_law(merged, baseline("NPO", "adamw", model_dir, tokenizer, forget_pairs, retain_pairs), original)

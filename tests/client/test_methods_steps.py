@@ -20,19 +20,9 @@ ASCENT_LIKE = ["SimNPO", "DPO", "UNDIAL", "WGA", "SatImp", "CE-U"]
 
 
 @pytest.fixture(scope="module")
-def learned(make_model, tokenizer, forget_pairs, retain_pairs):
+def learned(make_learned_model):
     """The tiny model after 30 full-batch AdamW steps on forget + retain: it knows the answers (p ≈ 0.5–0.9)."""
-    model = make_model(0)
-    batch = collate(tokenizer, forget_pairs + retain_pairs)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    for _ in range(30):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        nll, counts = sequence_nll(logits, batch["labels"])
-        optimizer.zero_grad()
-        (nll.sum() / counts.sum()).backward()
-        optimizer.step()
-    model.eval()
-    return model
+    return make_learned_model().eval()
 
 
 @torch.no_grad()
