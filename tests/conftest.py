@@ -3,6 +3,9 @@ in-process server (TestClient) over a temporary state folder with a controllable
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -312,3 +315,31 @@ def hf_cache(tmp_path, monkeypatch):
             return fill_hf_cache(source, repo_id, cache, repo_type)
 
     return Cache
+
+
+@contextlib.contextmanager
+def serve_in_thread(settings):
+    """The real app under uvicorn on 127.0.0.1 in a thread (real HTTP, one process); yields its URL."""
+    import uvicorn
+
+    from pum.demo.cluster import free_port
+    from pum.server.app import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def serve_app():
+    """`serve_in_thread`, for tests: `with serve_app(settings) as url: …`."""
+    return serve_in_thread

@@ -3,10 +3,6 @@ lines, and a random-init 2-layer `transformers` Llama over its vocabulary."""
 
 from __future__ import annotations
 
-import contextlib
-import threading
-import time
-
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -122,31 +118,3 @@ def model_dir(tmp_path, make_model, tokenizer):
     make_model(0).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
-
-
-@contextlib.contextmanager
-def serve_in_thread(settings):
-    """The real app under uvicorn on 127.0.0.1 in a thread (real HTTP, one process); yields its URL."""
-    import uvicorn
-
-    from pum.demo.cluster import free_port
-    from pum.server.app import create_app
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
-@pytest.fixture
-def serve_app():
-    """`serve_in_thread`, for tests: `with serve_app(settings) as url: …`."""
-    return serve_in_thread
