@@ -4,13 +4,17 @@
 |------------------------------------------------|---------------------------------------|---------------------------------|
 | learning_rate                                  | lr                                    |                                 |
 | per_device_train_batch_size × gradient_accumulation_steps | batch_size (one device)    | HF defaults 8 and 1             |
+| gradient_accumulation_steps                    | the same name: passes per step        | kept, as in HF                  |
 | lr_scheduler_type                              | schedule                              | linear, constant(_with_warmup)  |
 | optim                                          | optimizer                             | adamw_torch, adamw_torch_fused, adamw_hf, paged_adamw_32bit → adamw; sgd |
 | num_train_epochs                               | local_epochs (a job setting, `pum:`)  |                                 |
 | retain_loss_type                               | retain_loss                           | NLL → nll, KL → kl              |
 | weight_decay, warmup_steps, warmup_epochs, seed, beta, alpha, gamma, delta, beta1, beta2, steering_coeff | the same names | |
 
-An alias and its PUM name both given is an error, never a silent choice. `canonical_hyperparams`
+An alias and its PUM name both given is an error, never a silent choice. `gradient_accumulation_steps`
+means what it means in Hugging Face's trainer, the passes a step's batch is computed in, and is kept:
+with `per_device_train_batch_size` (or without `batch_size`) it also sizes the batch; beside PUM's
+`batch_size` it only splits it. `canonical_hyperparams`
 rewrites a hyperparameter mapping (the trainer calls it, so `pum unlearn` and workers accept both
 spellings); `canonical_job` also moves `num_train_epochs` to the job's `local_epochs` (the job
 file loader and the server's job creation call it, before the settings are validated).
@@ -47,14 +51,16 @@ def _both(alias: str, name: str) -> InvalidInput:
 def canonical_hyperparams(hyperparams: Mapping[str, Any]) -> dict[str, Any]:
     """`hyperparams` with open-unlearning's trainer and method names turned into PUM's (see the table)."""
     out = dict(hyperparams)
-    if any(key in out for key in BATCH):
+    per_device, accumulation = BATCH
+    if per_device in out or (accumulation in out and "batch_size" not in out):
         if "batch_size" in out:
-            raise _both(" × ".join(k for k in BATCH if k in out), "batch_size")
-        sizes = {key: out.pop(key, default) for key, default in HF_BATCH_DEFAULTS.items()}
+            raise _both(per_device, "batch_size")
+        sizes = {key: out.get(key, default) for key, default in HF_BATCH_DEFAULTS.items()}
         for key, value in sizes.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidInput(f"{key} must be an integer ≥ 1 (got {value!r})")
-        out["batch_size"] = sizes["per_device_train_batch_size"] * sizes["gradient_accumulation_steps"]
+        out.pop(per_device, None)  # gradient_accumulation_steps stays: the trainer runs the batch in that many passes
+        out["batch_size"] = sizes[per_device] * sizes[accumulation]
     for alias, name in ALIASES.items():
         if alias not in out:
             continue

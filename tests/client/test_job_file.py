@@ -31,7 +31,8 @@ def job_file(tmp_path):
 
 def test_open_unlearning_names_become_pums(job_file):
     job = load_job_file(job_file, environ={})
-    assert job["hyperparams"] == {"lr": 1e-5, "batch_size": 32, "retain_loss": "nll", "beta": 0.1}
+    assert job["hyperparams"] == {"lr": 1e-5, "batch_size": 32, "gradient_accumulation_steps": 4, "retain_loss": "nll",
+                                  "beta": 0.1}
     assert job["pum"]["local_epochs"] == 10 and job["pum"]["inner_handler"] == "NPO"
     assert job["model_dir"] == "open-unlearning/tofu_Llama-3.2-1B-Instruct_full"  # resolved by the server
 

@@ -11,7 +11,7 @@ from pum.common.schemas import TaskSpec
 
 torch.set_num_threads(1)
 
-PUM = {"lr": 1e-3, "batch_size": 4, "schedule": "linear", "optimizer": "adamw", "weight_decay": 0.01,
+PUM = {"lr": 1e-3, "batch_size": 4, "gradient_accumulation_steps": 2, "schedule": "linear", "optimizer": "adamw", "weight_decay": 0.01,
        "gamma": 1.0, "alpha": 1.0, "retain_loss": "nll", "beta": 0.1}
 OPEN_UNLEARNING = {"learning_rate": 1e-3, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
                    "lr_scheduler_type": "linear", "optim": "adamw_torch", "weight_decay": 0.01,

@@ -17,14 +17,19 @@ def test_open_unlearnings_npo_experiment_in_pums_names():
     pum, hyper = canonical_job({"inner_handler": "NPO"}, OPEN_UNLEARNING_NPO)
     assert pum == {"inner_handler": "NPO", "local_epochs": 10}
     assert hyper == {"lr": 1e-5, "weight_decay": 0.01, "warmup_epochs": 1.0, "batch_size": 32, "schedule": "linear",
+                     "gradient_accumulation_steps": 4,  # 4 passes of 8 per step, as in open-unlearning
                      "optimizer": "adamw", "beta": 0.1, "alpha": 1.0, "gamma": 1.0, "retain_loss": "nll"}
 
 
 def test_pums_own_names_pass_unchanged_and_hf_batch_defaults_apply():
     own = {"lr": 1e-4, "batch_size": 16, "retain_loss": "kl"}
     assert canonical_hyperparams(own) == own
-    assert canonical_hyperparams({"gradient_accumulation_steps": 4})["batch_size"] == 32  # 8 per device (HF default)
-    assert canonical_hyperparams({"per_device_train_batch_size": 2})["batch_size"] == 2
+    assert canonical_hyperparams({"gradient_accumulation_steps": 4}) == {"batch_size": 32,  # 8 per device (HF default)
+                                                                         "gradient_accumulation_steps": 4}
+    assert canonical_hyperparams({"per_device_train_batch_size": 2}) == {"batch_size": 2}
+    # Beside PUM's batch_size, gradient_accumulation_steps only splits it (the same name, the same meaning as HF's).
+    assert canonical_hyperparams({"batch_size": 32, "gradient_accumulation_steps": 4}) == {
+        "batch_size": 32, "gradient_accumulation_steps": 4}
 
 
 @pytest.mark.parametrize("hyper, phrase", [
