@@ -123,15 +123,16 @@ def run_worker(args: argparse.Namespace) -> int:
 
     from .api import WorkerAPI
     from .methods import load_idk_answers
+    from .parallel import under_torchrun
     from .worker import Worker, WorkerOptions
-
-    from .fsdp_worker import relaunch_under_torchrun, run_group_worker, under_torchrun
 
     if not args.token:
         raise SystemExit("pum worker: give --token or set PUM_WORKER_TOKEN")
     if args.nproc_per_node < 1:
         raise SystemExit(f"pum worker: --nproc-per-node must be ≥ 1 (got {args.nproc_per_node})")
     if args.nproc_per_node > 1 and not under_torchrun():
+        from .fsdp_worker import relaunch_under_torchrun  # torch.distributed only where it is used
+
         relaunch_under_torchrun(args.nproc_per_node, sys.argv[1:])  # does not return
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,12 +143,15 @@ def run_worker(args: argparse.Namespace) -> int:
         device=args.device, progress=not args.no_progress, max_copies=args.max_copies,
         idk_answers=load_idk_answers(args.idk) if args.idk else None,
     )
+
     @contextlib.contextmanager
     def open_api():
         with http_client(args.server, args.token, args.ca_file) as http:
             yield WorkerAPI(http)
 
     if under_torchrun():
+        from .fsdp_worker import run_group_worker
+
         done = run_group_worker(open_api, forget, retain, options)
         if done is None:  # a follower: process 0 reports
             return 0

@@ -49,10 +49,6 @@ log = logging.getLogger(__name__)
 SHARED_FAILURES = (FloatingPointError, ValueError)  # raised by every process at the same point
 
 
-def under_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def relaunch_under_torchrun(nproc: int, argv: Sequence[str]) -> None:
     """Replace this process by `python -m torch.distributed.run --standalone --nproc-per-node N -m pum.cli …argv`."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",

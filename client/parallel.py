@@ -8,9 +8,15 @@ form `pum.client.carry` stores, so a round may run with another number of proces
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 import torch
+
+
+def under_torchrun() -> bool:
+    """Whether this process is one of several that torchrun started (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def optimizer_state_problems(state: dict, shapes: list[tuple[int, ...]]) -> list[str]:
