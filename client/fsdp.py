@@ -163,7 +163,8 @@ def build_sharded(
     for module in model.modules():
         if type(module).__name__ in blocks:
             fully_shard(module, mesh=group.mesh, mp_policy=policy, reshard_after_forward=True)
-    fully_shard(model, mesh=group.mesh, mp_policy=policy, reshard_after_forward=True if not trainable else None)
+    # The root (embeddings, final norm, head) stays gathered from forward to backward when trained (FSDP's default).
+    fully_shard(model, mesh=group.mesh, mp_policy=policy, reshard_after_forward=None if trainable else True)
     model.to_empty(device=group.device)
     _rebuild_buffers(model)
     _load_streamed(model, group, tensors)

@@ -160,8 +160,6 @@ def run_group_worker(open_api, forget: list[QAPair], retain: list[QAPair] | None
     with an `FsdpCopyTrainer` and returns its copies; the others follow it and return None.
 
     `open_api`: a context manager factory giving process 0's `WorkerAPI`."""
-    from .worker import Worker
-
     group = FsdpGroup.start(options.device)
     if group.rank != 0:
         follow(group, forget, retain, options.idk_answers)
