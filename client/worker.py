@@ -117,7 +117,7 @@ class Worker:
                 self.done += 1
                 self._failed_in_a_row = 0
             except FatalWorkerError as err:
-                self._give_back(reply.get("lease_id"), f"{type(err).__name__}: {err}")
+                self._give_back(reply.lease_id, f"{type(err).__name__}: {err}")
                 raise
             except Exception as err:  # whatever went wrong, the copy goes back to the pool now
                 self._count_failure()

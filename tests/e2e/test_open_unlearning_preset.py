@@ -40,6 +40,7 @@ def test_npo_preset_with_open_unlearning_names_runs_end_to_end(tmp_path, hf_cach
         status = admin.status(job)
         # open-unlearning's names arrived as PUM's; the preset's rounds and epochs are the job's
         assert status.hyperparams == {"lr": 1e-5, "weight_decay": 0.01, "warmup_epochs": 1.0, "batch_size": 32,
+                                         "gradient_accumulation_steps": 4,  # 4 passes of 8, as in open-unlearning
                                          "schedule": "linear", "optimizer": "adamw", "seed": 0, "beta": 0.1,
                                          "alpha": 1.0, "gamma": 1.0, "retain_loss": "nll"}
         assert (status.settings["inner_handler"], status.rounds_R, status.settings["local_epochs"]) == ("NPO", 2, 10)
