@@ -53,7 +53,8 @@ def run_job_in_process(
     shutil.rmtree(work_dir, ignore_errors=True)
     admin_token = secrets.token_urlsafe(24)
     settings = ServerSettings(state_dir=work_dir / "state", saves_dir=work_dir / "out", admin_token=admin_token,
-                              lease_ttl_s=3600.0)
+                              lease_ttl_s=3600.0, dev_mode=True)  # dev: a seeded job (reproducible noise) is
+    # accepted; this server answers no network, only the TestClients below
     started = time.perf_counter()
     app = create_app(settings)
     with TestClient(app, headers={"Authorization": f"Bearer {admin_token}"}) as http:
