@@ -11,20 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ANSWER_TOKENS, Batch, UnlearningMethod, answer_ce, check_retain_loss, forward_logits, retain_loss
+from .base import ANSWER_TOKENS, Batch, RetainWeighted, answer_ce, check_retain_loss, forward_logits
 from .registry import register
 
 
-def grad_diff_loss(forget_ce: torch.Tensor, retain_value: torch.Tensor, gamma: float, alpha: float) -> torch.Tensor:
-    """L = γ·(−CE(B_f)) + α·L_ret."""
-    return gamma * -forget_ce + alpha * retain_value
-
-
 @register
-class GradDiff(UnlearningMethod):
+class GradDiff(RetainWeighted):
     name = "GradDiff"
-    needs_reference = False  # only with retain_loss="kl"; see uses_reference
-    needs_retain = True
+    needs_reference = False  # only with retain_loss="kl" (RetainWeighted.uses_reference)
 
     @dataclass(frozen=True)
     class Params:
@@ -35,15 +29,6 @@ class GradDiff(UnlearningMethod):
         def __post_init__(self):
             check_retain_loss(self.retain_loss)
 
-    def uses_reference(self, params: Params) -> bool:
-        return self.uses_retain(params) and params.retain_loss == "kl"
-
-    def uses_retain(self, params: Params) -> bool:
-        return params.alpha != 0
-
     def loss(self, model, reference, forget_batch: Batch, retain_batch: Batch | None, params: Params) -> torch.Tensor:
         forget_ce = answer_ce(forward_logits(model, forget_batch), forget_batch["labels"], forget_batch.get(ANSWER_TOKENS))
-        if not self.uses_retain(params):
-            return grad_diff_loss(forget_ce, torch.zeros_like(forget_ce), params.gamma, 0.0)
-        retain_value = retain_loss(model, reference, retain_batch, params.retain_loss)
-        return grad_diff_loss(forget_ce, retain_value, params.gamma, params.alpha)
+        return self.with_retain(-forget_ce, model, reference, retain_batch, params)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pum.common.qa import sequence_nll
 
 from .base import (
-    SEQUENCES, Batch, UnlearningMethod, check_retain_loss, forward_logits, mean_of, reference_logits, retain_loss,
+    SEQUENCES, Batch, RetainWeighted, check_retain_loss, forward_logits, mean_of, reference_logits,
 )
 from .registry import register
 
@@ -34,10 +34,9 @@ def npo_forget_loss(
 
 
 @register
-class NPO(UnlearningMethod):
+class NPO(RetainWeighted):
     name = "NPO"
     needs_reference = True
-    needs_retain = True  # unless alpha = 0
 
     @dataclass(frozen=True)
     class Params:
@@ -51,14 +50,9 @@ class NPO(UnlearningMethod):
                 raise ValueError(f"NPO beta must be > 0 (got {self.beta}): the loss divides by it")
             check_retain_loss(self.retain_loss)
 
-    def uses_retain(self, params: Params) -> bool:
-        return params.alpha != 0
-
     def loss(self, model, reference, forget_batch: Batch, retain_batch: Batch | None, params: Params) -> torch.Tensor:
         labels = forget_batch["labels"]
         nll_theta, _ = sequence_nll(forward_logits(model, forget_batch), labels)
         nll_ref, _ = sequence_nll(reference_logits(reference, forget_batch), labels)
         forget_term = npo_forget_loss(-nll_theta, -nll_ref, params.beta, forget_batch.get(SEQUENCES))
-        if not self.uses_retain(params):
-            return params.gamma * forget_term
-        return params.gamma * forget_term + params.alpha * retain_loss(model, reference, retain_batch, params.retain_loss)
+        return self.with_retain(forget_term, model, reference, retain_batch, params)
