@@ -135,10 +135,11 @@ def test_pum_worker_on_two_processes_keeps_the_kappa_zero_law(tmp_path, make_lea
              "gradient_accumulation_steps": 2}
     pum = {"copies_m": 2, "rounds_R": 2, "inner_handler": "NPO", "local_epochs": 3.5, "noise_kappa": 0.0,
            "jitter_tau": 0.0, "use_orthogonal_reparam": False, "seed": 7}
-    settings = ServerSettings(state_dir=tmp_path / "state", saves_dir=tmp_path / "out", admin_token="fsdp-admin")
+    settings = ServerSettings(state_dir=tmp_path / "state", saves_dir=tmp_path / "out", admin_token="fsdp-admin",
+                              dev_mode=True)  # a seeded job (dev only)
     with serve_app(settings) as url, http_client(url, "fsdp-admin") as http:
         admin = AdminAPI(http)
-        job = admin.create_job("fsdp", str(model_dir), pum, hyper)["id"]
+        job = admin.create_job("fsdp", str(model_dir), pum, hyper).id
         token = admin.issue_token(job, "w")
         admin.action(job, "start")
         command = [*PUM, "worker", "--server", url, "--token", token, "--forget", forget, "--retain", retain,
@@ -148,7 +149,7 @@ def test_pum_worker_on_two_processes_keeps_the_kappa_zero_law(tmp_path, make_lea
                               timeout=600)
         assert done.returncode == 0, done.stderr[-4000:]
         assert json.loads(done.stdout.strip().splitlines()[-1]) == {"copies_uploaded": 4}
-        assert admin.wait(job, timeout_s=60)["state"] == "finalized"
+        assert admin.wait(job, timeout_s=60).state == "finalized"
         merged = load_file(admin.download_model(job, tmp_path / "merged") / "model.safetensors")
 
     baseline = AutoModelForCausalLM.from_pretrained(model_dir)

@@ -130,17 +130,18 @@ def test_the_law_over_real_http(tmp_path, trained_dir, tokenizer, forget_pairs, 
     from pum.client.cli import http_client
     from pum.server.config import ServerSettings
 
-    settings = ServerSettings(state_dir=tmp_path / "state", saves_dir=tmp_path / "out", admin_token="law-admin")
+    settings = ServerSettings(state_dir=tmp_path / "state", saves_dir=tmp_path / "out", admin_token="law-admin",
+                              dev_mode=True)  # a seeded job (dev only)
     with serve_app(settings) as url, http_client(url, "law-admin") as http:
         admin = AdminAPI(http)
         job = admin.create_job("law-http", str(model_dir), {**pum_settings("NPO"), "seed": 7},
-                               hyperparams("adamw"))["id"]
+                               hyperparams("adamw")).id
         token = admin.issue_token(job, "w")
         admin.action(job, "start")
         with http_client(url, token) as worker_http:
             options = WorkerOptions(saves_dir=tmp_path / "saves", progress=False)
             assert Worker(WorkerAPI(worker_http), forget_pairs, retain_pairs, options).run() == ROUNDS * COPIES
-        assert admin.wait(job, timeout_s=60)["state"] == "finalized"
+        assert admin.wait(job, timeout_s=60).state == "finalized"
         merged_dir = admin.download_model(job, tmp_path / "merged")
     merged = load_file(merged_dir / "model.safetensors")
     original = load_file(model_dir / "model.safetensors")
