@@ -81,6 +81,11 @@ class CopyInfo(BaseModel):
     failures: int = Field(description="how many leases of it ended in a failure the worker reported")
     leased_at: float | None
     accepted_at: float | None
+    worker: str | None = Field(None, description="label of the worker token of its latest lease (None: never leased)")
+    seconds: float | None = Field(None, description="how long its latest lease has held it: until accepted, or until now")
+    lease_ends: dict[str, int] = Field(default_factory=dict, description="its leases that ended without an upload, "
+                                       "by how: expired (no heartbeat in time), failed (given back after a failure), "
+                                       "released, cancelled")
 
 
 class RoundInfo(BaseModel):
@@ -90,7 +95,19 @@ class RoundInfo(BaseModel):
     sigmas: dict[str, float] = Field(description="σ_ℓ per layer group")
     started_at: float
     finished_at: float | None
+    seconds: float | None = Field(None, description="how long the round has run: until merged, or until now")
     copies: list[CopyInfo]
+
+
+class Progress(BaseModel):
+    """How far a job is, and how fast it goes: the copies of all R rounds, accepted at the rate so far."""
+
+    copies_accepted: int = Field(description="copies merged, over all rounds")
+    copies_total: int = Field(description="m · R")
+    seconds: float = Field(description="since the first round opened (0 before the start), until now or the job's end")
+    copies_per_hour: float | None = Field(description="copies accepted per hour so far (None: none yet)")
+    eta_s: float | None = Field(description="seconds left at that rate (None: no copy accepted yet, or the job ended)")
+    copy_bytes: int | None = Field(description="bytes of one published copy of the current round (None: no open round)")
 
 
 class JobSummary(BaseModel):
@@ -110,6 +127,7 @@ class JobStatus(JobSummary):
     settings: dict[str, Any] = Field(description="the job's PUM settings, every field by name")
     hyperparams: dict[str, Any]
     rounds: list[RoundInfo]
+    progress: Progress | None = None
 
 
 class ModelFiles(BaseModel):

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from pum.common.errors import BY_STATUS, InvalidInput, PumError
 from pum.common.schemas import ErrorBody, Health
 
 from .api_admin import router as admin_router
 from .api_work import router as work_router
+from .auth import AdminOnly, Service
 from .config import ServerSettings
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .service import JobService
 
 ERROR_RESPONSES = {status: {"model": ErrorBody, "description": cls.summary} for status, cls in sorted(BY_STATUS.items())}
@@ -51,6 +53,11 @@ def create_app(settings: ServerSettings, service: JobService | None = None) -> F
     async def healthz() -> Health:
         """Liveness: the server answers."""
         return Health()
+
+    @app.get("/metrics", dependencies=[AdminOnly], include_in_schema=False)
+    def metrics(service: Service) -> Response:
+        """Prometheus metrics (text format), admin-only: the bearer admin token, as for the admin API."""
+        return Response(service.metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
 
     app.include_router(admin_router)
     app.include_router(work_router)

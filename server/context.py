@@ -11,6 +11,7 @@ from pum.common.errors import NotFound
 from .blobs import BlobStore
 from .config import ServerSettings
 from .job_files import JobFiles
+from .metrics import Metrics
 from .store import Job, Store
 
 
@@ -20,6 +21,7 @@ class ServerContext:
     blobs: BlobStore  # the state folder: jobs' secrets, θ, rounds, spools
     saves: BlobStore  # merged models, one folder per task
     settings: ServerSettings
+    metrics: Metrics = field(default_factory=Metrics)  # this server's counters and histograms
     _locks: dict[str, threading.Lock] = field(default_factory=dict)
     _locks_guard: threading.Lock = field(default_factory=threading.Lock)
 

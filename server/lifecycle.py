@@ -100,7 +100,9 @@ class Lifecycle:
         rnd = self.ctx.store.round(job.id, job.round)
         try:
             sigmas, taus = round_noise(rnd, job.spec.settings)
-            step(files, self.ctx.key(job.id), job.spec, job.round, rnd.s0, files.s1(job.round, rnd.accepted), sigmas, taus)
+            with self.ctx.metrics.timed(self.ctx.metrics.step_seconds):
+                step(files, self.ctx.key(job.id), job.spec, job.round, rnd.s0, files.s1(job.round, rnd.accepted),
+                     sigmas, taus)
             self.ctx.store.finish_round(job.id, job.round)
             files.delete_folder(files.round_dir(job.round))
             self.after_step(job)
@@ -108,6 +110,7 @@ class Lifecycle:
             raise
         except Exception as err:
             log.exception("job %s failed in round %d", job.id, job.round)
+            self.ctx.metrics.failed("step_failed")
             self.ctx.store.set_job_state(job.id, JobState.FAILED, error=f"{type(err).__name__} in round {job.round}")
             raise
 

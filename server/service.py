@@ -16,6 +16,7 @@ import logging
 
 from typing import Iterator
 
+from pum.common.errors import PumError
 from pum.common.schemas import JobStatus, ModelFiles, PrivacyReport
 
 from . import views
@@ -23,6 +24,7 @@ from .blobs import BlobStore, LocalBlobStore
 from .config import ServerSettings
 from .context import ServerContext
 from .lifecycle import Lifecycle
+from .metrics import Metrics, StoreCollector, headline_epsilon
 from .recovery import recover, remove_orphans
 from .store import SqliteStore, Store
 from .tokens import issue_token
@@ -34,12 +36,15 @@ log = logging.getLogger(__name__)
 
 class JobService:
     def __init__(self, store: Store, settings: ServerSettings, blobs: BlobStore | None = None,
-                 saves: BlobStore | None = None):
+                 saves: BlobStore | None = None, metrics: Metrics | None = None):
         """`blobs` holds the state folder's files and `saves` the merged models (default: local
-        folders settings.state_dir and settings.saves_dir)."""
+        folders settings.state_dir and settings.saves_dir); `metrics` the server's own (default: new)."""
         self.context = ServerContext(
-            store, blobs or LocalBlobStore(settings.state_dir), saves or LocalBlobStore(settings.saves_dir), settings
+            store, blobs or LocalBlobStore(settings.state_dir), saves or LocalBlobStore(settings.saves_dir), settings,
+            metrics or Metrics(),
         )
+        self.context.metrics.attach(StoreCollector(store, self._epsilon))
+        self._epsilons: dict[str, tuple] = {}  # job → (report inputs, ε): /metrics reads it at each scrape
         self.jobs = Lifecycle(self.context)
         self.work = WorkProtocol(self.context)
         self.uploads = Uploads(self.context, self.work, self.jobs)
@@ -67,6 +72,24 @@ class JobService:
 
     def privacy(self, job_id: str) -> PrivacyReport:
         return views.privacy(self.context, job_id)
+
+    def _epsilon(self, job_id: str) -> float | None:
+        """The headline ε of /metrics, computed again only when what the report depends on changed."""
+        job = self.context.job(job_id)
+        inputs = (job.state, len(self.store.rounds(job_id)), self.store.largest_party_leases(job_id),
+                  tuple(sorted(self.store.token_parties(job_id).items())))
+        cached = self._epsilons.get(job_id)
+        if cached is None or cached[0] != inputs:
+            try:
+                value = headline_epsilon(self.privacy(job_id))
+            except (PumError, OSError):  # a job whose files are gone: no ε, the scrape still answers
+                value = None
+            cached = self._epsilons[job_id] = (inputs, value)
+        return cached[1]
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.context.metrics
 
     def model_files(self, job_id: str) -> ModelFiles:
         return views.model_files(self.context, job_id)

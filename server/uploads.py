@@ -30,6 +30,7 @@ from .blobs import BlobWriter
 from .context import ServerContext
 from .job_files import JobFiles
 from .lifecycle import Lifecycle
+from .metrics import reason_of
 from .rounds import merge_spooled, published_layout
 from .store import Lease
 from .work import WorkProtocol
@@ -51,8 +52,8 @@ class Spooled:
 class _Spool:
     """One upload being written to its spool blob while it is parsed and checked."""
 
-    def __init__(self, files: JobFiles, lease: Lease, layout: list[TensorInfo], max_header_bytes: int):
-        self.files, self.lease = files, lease
+    def __init__(self, files: JobFiles, lease: Lease, layout: list[TensorInfo], max_header_bytes: int, received):
+        self.files, self.lease, self.received = files, lease, received  # received: the bytes counter
         self.parser = StreamParser(expected={i.name: i for i in layout}, max_header_bytes=max_header_bytes,
                                    max_total_bytes=total_size(layout))
         self.name = files.spool(lease.id + "-" + secrets.token_hex(4))
@@ -66,6 +67,7 @@ class _Spool:
             raise
 
     def feed(self, chunks: list[bytes]) -> None:
+        self.received.inc(sum(len(c) for c in chunks))
         for chunk in chunks:
             for info, tensor in self.parser.feed(chunk):
                 _check_finite(info.name, tensor)
@@ -104,15 +106,22 @@ class Uploads:
 
     async def receive(self, token: str, lease_id: str, chunks: AsyncIterable[bytes], declared: int | None) -> Spooled:
         """Validate and spool an upload; nothing touches S0/S1 yet."""
-        spool = await self._run(self._open, token, lease_id, declared)
+        metrics = self.ctx.metrics
         try:
-            async for group in _batched(_idle_timeout(chunks, self.ctx.settings.upload_idle_timeout_s)):
-                await self._run(spool.feed, group)
-            await self._run(spool.finish)
+            spool = await self._run(self._open, token, lease_id, declared)
+        except Exception as err:
+            metrics.failed("upload_" + reason_of(err))
+            raise
+        try:
+            with metrics.timed(metrics.upload_seconds):
+                async for group in _batched(_idle_timeout(chunks, self.ctx.settings.upload_idle_timeout_s)):
+                    await self._run(spool.feed, group)
+                await self._run(spool.finish)
             # the whole delta is in: renew the lease so a merge queued behind others does not outlive it
             await self._run(self.ctx.store.extend_lease, spool.lease.id, self.ctx.settings.lease_ttl_s)
-        except BaseException:
+        except BaseException as err:
             spool.abort()  # closes and unlinks a file: short enough for the loop, and safe when cancelled
+            metrics.failed("upload_" + (reason_of(err) if isinstance(err, Exception) else "cut"))
             raise
         return Spooled(spool.lease, spool.name)
 
@@ -122,11 +131,16 @@ class Uploads:
         expected = total_size(layout)
         if declared is not None and declared > expected:
             raise PayloadTooLarge(f"upload of {declared} bytes exceeds the {expected} bytes a float32 delta of this model takes")
-        return _Spool(self.ctx.files(lease.job_id), lease, layout, self.ctx.settings.max_header_bytes)
+        return _Spool(self.ctx.files(lease.job_id), lease, layout, self.ctx.settings.max_header_bytes,
+                      self.ctx.metrics.received)
 
     async def merge(self, spooled: Spooled) -> UploadAccepted:
         """`merge_now` on an upload thread."""
-        return await self._run(self.merge_now, spooled)
+        try:
+            return await self._run(self.merge_now, spooled)
+        except Exception as err:
+            self.ctx.metrics.failed("merge_" + reason_of(err))
+            raise
 
     def merge_now(self, spooled: Spooled) -> UploadAccepted:
         """Fold a spooled upload into the round, atomically; steps the round when it is complete."""
@@ -137,9 +151,10 @@ class Uploads:
                 job = self.ctx.job(lease.job_id)
                 settings = job.spec.settings
                 rnd = self.ctx.store.round(job.id, lease.round)
-                s0, s1 = merge_spooled(
-                    files, self.ctx.key(job.id), settings, lease.round, lease.k, spooled.name, rnd.s0, rnd.accepted
-                )
+                with self.ctx.metrics.timed(self.ctx.metrics.merge_seconds):
+                    s0, s1 = merge_spooled(
+                        files, self.ctx.key(job.id), settings, lease.round, lease.k, spooled.name, rnd.s0, rnd.accepted
+                    )
                 try:
                     self.ctx.store.accept_copy(lease, s0, s1.rsplit("/", 1)[-1])
                 except BaseException:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from pum.common.errors import Conflict, NotFound
-from pum.common.schemas import CopyInfo, JobStatus, JobSummary, ModelFiles, PrivacyReport, RoundInfo
-from pum.common.states import JobState
+from pum.common.codec import total_size
+from pum.common.errors import Conflict, NotFound, PumError
+from pum.common.schemas import CopyInfo, JobStatus, JobSummary, ModelFiles, PrivacyReport, Progress, RoundInfo
+from pum.common.states import END_STATES, CopyState, JobState, LeaseState, RoundState
 
 from .context import ServerContext
 from .privacy import privacy_of
-from .store import Job
+from .rounds import published_layout
+from .store import Copy, Job, Lease
 
 
 def job_summary(job: Job) -> JobSummary:
@@ -18,23 +20,65 @@ def job_summary(job: Job) -> JobSummary:
 
 
 def job_status(ctx: ServerContext, job_id: str) -> JobStatus:
-    """State, round, settings, and each round's copies with their states and timings."""
+    """State, round, settings, each round's copies with their states, workers and timings, and the progress."""
     job = ctx.job(job_id)
     settings = job.spec.settings
+    now = ctx.clock()
+    labels = ctx.store.token_labels(job_id)
+    leases: dict[tuple[int, int], list[Lease]] = {}
+    for lease in ctx.store.leases(job_id):
+        leases.setdefault((lease.round, lease.k), []).append(lease)
     rounds = [
         RoundInfo(
             round=rnd.round, state=rnd.state, accepted=rnd.accepted, sigmas=rnd.sigmas, started_at=rnd.started_at,
-            finished_at=rnd.finished_at,
-            copies=[CopyInfo(k=c.k, state=c.state, leases=c.leases, failures=c.failures, leased_at=c.leased_at,
-                             accepted_at=c.accepted_at) for c in ctx.store.copies(job_id, rnd.round)],
+            finished_at=rnd.finished_at, seconds=(rnd.finished_at or now) - rnd.started_at,
+            copies=[copy_info(c, leases.get((rnd.round, c.k), []), labels, now)
+                    for c in ctx.store.copies(job_id, rnd.round)],
         )
         for rnd in ctx.store.rounds(job_id)
     ]
     return JobStatus(
         **job_summary(job).model_dump(), rounds_R=settings.rounds_R, copies_m=settings.copies_m, error=job.error,
         output_dir=job.output_dir, updated_at=job.updated_at, settings=job.spec.pum, hyperparams=job.spec.hyperparams,
-        rounds=rounds,
+        rounds=rounds, progress=progress(ctx, job, rounds, now),
     )
+
+
+def copy_info(copy: Copy, leases: list[Lease], labels: dict[str, str], now: float) -> CopyInfo:
+    """A copy as the admin sees it: who holds (or held) it, for how long, and how its other leases ended."""
+    ends: dict[str, int] = {}
+    for lease in leases:
+        if lease.state not in (LeaseState.ACTIVE, LeaseState.DONE):
+            ends[str(lease.state)] = ends.get(str(lease.state), 0) + 1
+    latest = leases[-1] if leases else None
+    held = None
+    if copy.leased_at is not None and copy.state is not CopyState.PENDING:
+        held = (copy.accepted_at or now) - copy.leased_at
+    return CopyInfo(k=copy.k, state=copy.state, leases=copy.leases, failures=copy.failures, leased_at=copy.leased_at,
+                    accepted_at=copy.accepted_at, worker=labels.get(latest.token_hash) if latest else None,
+                    seconds=held, lease_ends=ends)
+
+
+def progress(ctx: ServerContext, job: Job, rounds: list[RoundInfo], now: float) -> Progress:
+    """Copies accepted of m·R, the rate so far (since the first round opened) and the time left at it.
+
+    rate = accepted / elapsed; ETA = (m·R − accepted) / rate, while the job can still take copies.
+    """
+    settings = job.spec.settings
+    total = settings.copies_m * settings.rounds_R
+    accepted = sum(r.accepted for r in rounds)
+    ended = job.state in END_STATES
+    elapsed = ((job.updated_at if ended else now) - rounds[0].started_at) if rounds else 0.0
+    rate = accepted / elapsed if accepted and elapsed > 0 else None
+    eta = (total - accepted) / rate if rate and not ended else None
+    copy_bytes = None
+    if not ended and rounds and rounds[-1].state is RoundState.OPEN:
+        try:
+            copy_bytes = total_size(published_layout(ctx.files(job.id), job.round, job.spec.dtypes))
+        except (OSError, PumError):  # the round's θ is being replaced right now
+            pass
+    return Progress(copies_accepted=accepted, copies_total=total, seconds=max(elapsed, 0.0),
+                    copies_per_hour=rate * 3600 if rate else None, eta_s=eta, copy_bytes=copy_bytes)
 
 
 def privacy(ctx: ServerContext, job_id: str) -> PrivacyReport:
@@ -54,7 +98,7 @@ def model_file(ctx: ServerContext, job_id: str, name: str) -> tuple[int, Iterato
     if name not in ctx.saves.list(job.task):
         raise NotFound(f"no file {name[:100]!r}")
     key = f"{job.task}/{name}"
-    return ctx.saves.size(key), ctx.saves.chunks(key)
+    return ctx.saves.size(key), ctx.metrics.counted("model", ctx.saves.chunks(key))
 
 
 def _finalized(ctx: ServerContext, job_id: str) -> Job:

@@ -69,6 +69,7 @@ class WorkProtocol:
         lease = self.live_lease(token, lease_id)
         log.warning("job %s: %s given back by its worker: %s", lease.job_id, lease.id, reason[:200])
         self.ctx.store.release_lease(lease.id, failed=True)
+        self.ctx.metrics.failed("given_back")
         return Released()
 
     def public_file(self, token: str, name: str) -> tuple[int, Iterator[bytes]]:
@@ -77,7 +78,7 @@ class WorkProtocol:
         files = self.ctx.files(job_id)
         if name not in files.public_names():
             raise NotFound(f"no file {name[:100]!r}")
-        return files.size(files.public(name)), files.chunks(files.public(name))
+        return files.size(files.public(name)), self.ctx.metrics.counted("file", files.chunks(files.public(name)))
 
     def copy_download(self, token: str, lease_id: str, start: int = 0) -> tuple[int, Iterator[bytes]]:
         """(total size in bytes, chunks from byte `start` on) of the lease's published copy."""
@@ -90,7 +91,9 @@ class WorkProtocol:
             raise RangeNotSatisfiable(f"range start {start} is outside the copy's {size} bytes")
         sigmas, taus = round_noise(self.ctx.store.round(job.id, lease.round), job.spec.settings)
         chunks = copy_chunks(files, self.ctx.key(job.id), job.spec, lease.round, lease.k, sigmas, taus, layout, start)
-        return size, self._one_of_few(chunks)
+        # a whole copy is one observation of generation time; a resumed one only counts its bytes
+        metrics = self.ctx.metrics
+        return size, self._one_of_few(metrics.timed_copy(chunks) if start == 0 else metrics.counted("copy", chunks))
 
     def _one_of_few(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
         """Generate at most max_concurrent_copies copies at a time (the slot frees when the stream ends)."""
@@ -127,3 +130,4 @@ class WorkProtocol:
     def expire(self) -> None:
         for lease in self.ctx.store.expire_leases():
             log.warning("job %s: %s expired; its copy goes back to the pool", lease.job_id, lease.id)
+            self.ctx.metrics.failed("lease_expired")

@@ -46,6 +46,9 @@ class Store(Protocol):
     def token_parties(self, job_id: str) -> dict[str, int]:
         """Party → number of the job's tokens in it."""
 
+    def token_labels(self, job_id: str) -> dict[str, str]:
+        """Token hash → the label it was issued with, for the job's tokens (who holds which lease)."""
+
     def token_job(self, token_hash: str) -> str | None:
         """The job of a token hash, or None for an unknown token."""
 

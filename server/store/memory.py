@@ -24,7 +24,7 @@ class MemoryStore:
         self.clock = clock
         self._lock = threading.RLock()
         self._jobs: dict[str, Job] = {}
-        self._tokens: dict[str, tuple[str, str]] = {}  # hash → (job id, party)
+        self._tokens: dict[str, tuple[str, str, str]] = {}  # hash → (job id, party, label)
         self._rounds: dict[tuple[str, int], Round] = {}
         self._copies: dict[tuple[str, int, int], Copy] = {}
         self._leases: dict[str, Lease] = {}  # in the order granted
@@ -68,17 +68,20 @@ class MemoryStore:
         with self._lock:
             if token_hash in self._tokens:
                 raise ValueError("token exists")
-            self._tokens[token_hash] = (job_id, party)
+            self._tokens[token_hash] = (job_id, party, label)
 
     def token_parties(self, job_id: str) -> dict[str, int]:
         with self._lock:
-            parties = [party for job, party in self._tokens.values() if job == job_id]
+            parties = [party for job, party, _ in self._tokens.values() if job == job_id]
         return {party: parties.count(party) for party in parties}
 
     def token_job(self, token_hash: str) -> str | None:
         with self._lock:
-            job_id, _ = self._tokens.get(token_hash, (None, None))
-            return job_id
+            return self._tokens.get(token_hash, (None,))[0]
+
+    def token_labels(self, job_id: str) -> dict[str, str]:
+        with self._lock:
+            return {h: label for h, (job, _, label) in self._tokens.items() if job == job_id}
 
     # ---- rounds and copies -------------------------------------------------------------------
     def open_round(self, job_id: str, round_: int, m: int, sigmas: dict[str, float], taus: dict[str, float]) -> Round:
@@ -195,6 +198,6 @@ class MemoryStore:
             held: dict[tuple[int, str], set[int]] = {}
             for lease in self._leases.values():
                 if lease.job_id == job_id:
-                    party = self._tokens.get(lease.token_hash, (None, ""))[1]
+                    party = self._tokens.get(lease.token_hash, (None, "", ""))[1]
                     held.setdefault((lease.round, party), set()).add(lease.k)
             return max((len(ks) for ks in held.values()), default=None)

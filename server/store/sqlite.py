@@ -183,6 +183,9 @@ class SqliteStore:
         rows = self._rows("SELECT party, COUNT(*) AS n FROM tokens WHERE job_id = ? GROUP BY party", (job_id,))
         return {r["party"]: r["n"] for r in rows}
 
+    def token_labels(self, job_id: str) -> dict[str, str]:
+        return {r["hash"]: r["label"] for r in self._rows("SELECT hash, label FROM tokens WHERE job_id = ?", (job_id,))}
+
     def token_job(self, token_hash: str) -> str | None:
         rows = self._rows("SELECT job_id FROM tokens WHERE hash = ?", (token_hash,))
         return rows[0]["job_id"] if rows else None

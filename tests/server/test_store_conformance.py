@@ -98,6 +98,8 @@ class StoreConformance:
         store.insert_token("hash-4", "job-2", "gpu0", party="lab-b")
         assert store.token_job("hash-1") == "job-1" and store.token_job("hash-9") is None
         assert store.token_parties("job-1") == {"": 1, "lab-a": 2} and store.token_parties("job-3") == {}
+        assert store.token_labels("job-1") == {"hash-1": "gpu0", "hash-2": "gpu1", "hash-3": "gpu2"}
+        assert store.token_labels("job-2") == {"hash-4": "gpu0"} and store.token_labels("job-3") == {}
 
     # ---- rounds and copies ---------------------------------------------------------------------
     def test_an_opened_round_has_m_pending_copies_and_becomes_current(self, store, clock):
