@@ -83,7 +83,14 @@ def add_parsers(subparsers) -> None:
     create.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override the file (and the variables): task=…, model_dir=…, pum.NAME=…, "
                              "hyperparams.NAME=… (repeatable)")
-    commands.add_parser("status", help="show a job").add_argument("job_id", help=JOB_ID_HELP)
+    status = commands.add_parser("status", help="show a job: a short table (state, round, copies with their workers, "
+                                               "durations, failures, ETA, ε)")
+    status.add_argument("job_id", help=JOB_ID_HELP)
+    status.add_argument("--json", action="store_true", help="print the whole status document as JSON instead")
+    watch = commands.add_parser("watch", help="show a job's status table every few seconds until the job ends")
+    watch.add_argument("job_id", help=JOB_ID_HELP)
+    watch.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    watch.add_argument("--count", type=int, help="stop after this many tables (default: when the job ends)")
     for action in JobAction:
         commands.add_parser(str(action), help=ACTIONS[action].doc).add_argument("job_id", help=JOB_ID_HELP)
     token = commands.add_parser("token", help="issue a worker token for a job")
@@ -209,8 +216,10 @@ def run_admin(args: argparse.Namespace) -> int:
         elif args.command == "create":
             spec = load_job_file(Path(args.job_file), overrides=args.overrides)
             result = api.create_job(spec["task"], spec["model_dir"], spec["pum"], spec["hyperparams"])
-        elif args.command == "status":
+        elif args.command == "status" and args.json:
             result = api.status(args.job_id)
+        elif args.command in ("status", "watch"):
+            return show_status(api, args)
         elif args.command in set(JobAction):
             result = api.action(args.job_id, args.command)
         elif args.command == "token":
@@ -222,4 +231,25 @@ def run_admin(args: argparse.Namespace) -> int:
             result = {"saved": str(api.download_model(args.job_id, Path(args.dest), bars=bars))}
     json.dump(result.model_dump(mode="json") if hasattr(result, "model_dump") else result, sys.stdout, indent=2)
     print()
+    return 0
+
+
+def show_status(api, args: argparse.Namespace) -> int:
+    """The status table once (`status`), or refreshed until the job ends (`watch`)."""
+    from pum.common.errors import PumError
+
+    from .status_view import status_table, watch
+
+    def read():
+        status = api.status(args.job_id)
+        try:
+            report = api.privacy(args.job_id)
+        except PumError:  # the table still shows the job
+            report = None
+        return status, report
+
+    if args.command == "status":
+        print(status_table(*read()))
+    else:
+        watch(read, sys.stdout, args.interval, args.count, clear=sys.stdout.isatty())
     return 0

@@ -9,16 +9,38 @@ import sys
 from pum.common.errors import InvalidInput
 
 
+# Every ServerSettings field as a flag; PUM_SERVER_<FIELD> (PUM_ADMIN_TOKEN) is the other way, and a
+# flag wins over the variable. tests/server/test_cli_settings.py walks the fields.
+SETTING_FLAGS: dict[str, tuple[str, dict]] = {
+    "state_dir": ("--state-dir", {"help": "state folder: jobs, rounds, secrets, state.db (PUM_SERVER_STATE_DIR; default ./state)"}),
+    "saves_dir": ("--saves-dir", {"help": "where merged models go (PUM_SERVER_SAVES_DIR; default ./saves/unlearn)"}),
+    "host": ("--host", {"help": "interface to bind (PUM_SERVER_HOST; default 127.0.0.1)"}),
+    "port": ("--port", {"type": int, "help": "port (PUM_SERVER_PORT; default 8000; 0 picks a free one)"}),
+    "admin_token": ("--admin-token-file", {"metavar": "FILE", "help": "read the admin token from FILE (a flag with the "
+                    "token itself would show it to every user of the machine; or PUM_ADMIN_TOKEN)"}),
+    "dev_mode": ("--dev", {"action": "store_const", "const": True,
+                           "help": "development mode: no admin token needed, seeded jobs allowed (PUM_SERVER_DEV_MODE)"}),
+    "lease_ttl_s": ("--lease-ttl", {"type": float, "help": "lease TTL in seconds: a lease without a heartbeat for that "
+                    "long puts its copy back (PUM_SERVER_LEASE_TTL_S; default 120)"}),
+    "upload_idle_timeout_s": ("--upload-idle-timeout", {"type": float, "help": "seconds an upload may send nothing "
+                              "before it is cut off (PUM_SERVER_UPLOAD_IDLE_TIMEOUT_S; default 60)"}),
+    "max_header_bytes": ("--max-header-bytes", {"type": int, "help": "largest safetensors header accepted from a "
+                         "worker (PUM_SERVER_MAX_HEADER_BYTES; default 16 MiB)"}),
+    "max_concurrent_copies": ("--max-concurrent-copies", {"type": int, "help": "copies generated at once; further "
+                              "downloads wait (PUM_SERVER_MAX_CONCURRENT_COPIES; default 2)"}),
+    "upload_threads": ("--upload-threads", {"type": int, "help": "threads that parse, check and merge uploads "
+                       "(PUM_SERVER_UPLOAD_THREADS; default 2)"}),
+    "torch_threads": ("--torch-threads", {"type": int, "help": "threads torch may use for noise and merging "
+                      "(PUM_SERVER_TORCH_THREADS; default 1)"}),
+    "tls_certfile": ("--tls-cert", {"help": "certificate file: serve HTTPS (PUM_SERVER_TLS_CERTFILE)"}),
+    "tls_keyfile": ("--tls-key", {"help": "private key file for --tls-cert (PUM_SERVER_TLS_KEYFILE)"}),
+}
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("server", help="run the PUM server (model owner)")
-    parser.add_argument("--state-dir", help="state folder (PUM_SERVER_STATE_DIR; default ./state)")
-    parser.add_argument("--saves-dir", help="where merged models go (default ./saves/unlearn)")
-    parser.add_argument("--host", help="interface to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
-    parser.add_argument("--dev", action="store_true", help="development mode: no admin token needed")
-    parser.add_argument("--lease-ttl", type=float, help="lease TTL in seconds (default 120)")
-    parser.add_argument("--tls-cert", help="certificate file: serve HTTPS")
-    parser.add_argument("--tls-key", help="private key file for --tls-cert")
+    for field, (flag, options) in SETTING_FLAGS.items():
+        parser.add_argument(flag, dest=field, **options)
     parser.set_defaults(run=run)
 
     audit = subparsers.add_parser("audit", help="operator check: the strongest attacks on the current round's copies")
@@ -86,16 +108,9 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from .app import create_app
-    from .config import ServerSettings
 
-    flags = {
-        "state_dir": args.state_dir, "saves_dir": args.saves_dir, "host": args.host, "port": args.port,
-        "lease_ttl_s": args.lease_ttl, "tls_certfile": args.tls_cert, "tls_keyfile": args.tls_key,
-    }
-    if args.dev:
-        flags["dev_mode"] = True
     try:
-        settings = ServerSettings(**{k: v for k, v in flags.items() if v is not None})
+        settings = settings_from_args(args)
     except ValidationError as err:
         raise InvalidInput(f"server settings: {err.errors()[0]['msg']}") from None
     import torch
@@ -108,3 +123,15 @@ def run(args: argparse.Namespace) -> int:
         ssl_keyfile=str(settings.tls_keyfile) if settings.tls_keyfile else None,
     )
     return 0
+
+
+def settings_from_args(args: argparse.Namespace):
+    """ServerSettings from the flags given, the environment for the rest."""
+    from pathlib import Path
+
+    from .config import ServerSettings
+
+    values = {field: getattr(args, field) for field in SETTING_FLAGS if getattr(args, field, None) is not None}
+    if "admin_token" in values:
+        values["admin_token"] = Path(values["admin_token"]).read_text().strip()
+    return ServerSettings(**values)
