@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
 from importlib import metadata
 
 from pum.common.errors import PumError
+from pum.common.logs import LOG_FORMATS
+from pum.common.logs import configure as configure_logs
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_LEVEL_HELP = "log verbosity: DEBUG, INFO, WARNING or ERROR (default INFO); accepted before or after the subcommand"
+LOG_FORMAT_HELP = ("text, or json: one JSON object per line with job, round, copy, lease, worker, bytes, seconds "
+                   "where they apply (or PUM_LOG_FORMAT; default text); accepted before or after the subcommand")
 EPILOG = "exit status: 0 done, 2 bad input or refused by the server, 3 server unreachable"
 
 
@@ -31,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pum", description="Perturb–Unlearn–Merge federated unlearning", epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"pum {version()}", help="print the version and exit")
     parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO", help=LOG_LEVEL_HELP)
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default=os.environ.get("PUM_LOG_FORMAT", "text"),
+                        help=LOG_FORMAT_HELP)
     subparsers = parser.add_subparsers(dest="role", required=True)
     add_server(subparsers)
     add_client(subparsers)
@@ -40,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in subcommand_parsers(parser):
         # SUPPRESS: a subcommand that is not given --log-level leaves the top-level value alone.
         sub.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=argparse.SUPPRESS, help=LOG_LEVEL_HELP)
+        sub.add_argument("--log-format", choices=LOG_FORMATS, default=argparse.SUPPRESS, help=LOG_FORMAT_HELP)
     return parser
 
 
@@ -75,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     import httpx
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress
+    configure_logs(args.log_level, args.log_format)
     try:
         return args.run(args) or 0
     except (PumError, ValueError, FileNotFoundError, TimeoutError) as err:

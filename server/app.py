@@ -16,6 +16,7 @@ from pum.common.schemas import ErrorBody, Health
 
 from .api_admin import router as admin_router
 from .api_work import router as work_router
+from . import ui
 from .auth import AdminOnly, Service
 from .config import ServerSettings
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -58,6 +59,12 @@ def create_app(settings: ServerSettings, service: JobService | None = None) -> F
     def metrics(service: Service) -> Response:
         """Prometheus metrics (text format), admin-only: the bearer admin token, as for the admin API."""
         return Response(service.metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
+
+    @app.get("/ui", include_in_schema=False)
+    async def status_page() -> Response:
+        """The status page: static, no data in it; it asks for the admin token and reads the admin API."""
+        body, headers = ui.page()
+        return Response(body, media_type="text/html; charset=utf-8", headers=headers)
 
     app.include_router(admin_router)
     app.include_router(work_router)

@@ -117,8 +117,10 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(settings.torch_threads)
     logging.getLogger("pum").info("state in %s; dev mode %s", settings.state_dir.resolve(), settings.dev_mode)
+    # json: uvicorn's loggers (errors, the access log) go to the root handler, so every line is JSON
+    json_logs = {"log_config": None} if getattr(args, "log_format", "text") == "json" else {}
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level="info",
+        create_app(settings), host=settings.host, port=settings.port, log_level="info", **json_logs,
         ssl_certfile=str(settings.tls_certfile) if settings.tls_certfile else None,
         ssl_keyfile=str(settings.tls_keyfile) if settings.tls_keyfile else None,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 
 from pum.common.aliases import canonical_job
 from pum.common.errors import Conflict, InvalidInput, PumError
@@ -56,7 +57,8 @@ class Lifecycle:
             raise
         spec = JobSpec(model_dir=str(source), pum=settings.to_public_dict(), hyperparams=hyperparams, **prepared)
         job = self.ctx.store.insert_job(job_id, task, spec)
-        log.info("created job %s (task %s, m=%d, R=%d)", job_id, task, settings.copies_m, settings.rounds_R)
+        log.info("created job %s (task %s, m=%d, R=%d)", job_id, task, settings.copies_m, settings.rounds_R,
+                 extra={"job": job_id, "state": str(job.state)})
         return job
 
     def act(self, job_id: str, action: JobAction) -> Job:
@@ -68,7 +70,9 @@ class Lifecycle:
                 raise Conflict(f"cannot {action} job {job_id}: it is {job.state} "
                                f"(allowed from {', '.join(sorted(allowed))})")
             self._actions[action](job)
-        return self.ctx.job(job_id)
+        job = self.ctx.job(job_id)
+        log.info("job %s: %s; it is %s", job_id, action, job.state, extra={"job": job_id, "state": str(job.state)})
+        return job
 
     # ---- the actions (the job's lock is held) ------------------------------------------------
     def _set(self, target: JobState):
@@ -100,16 +104,20 @@ class Lifecycle:
         rnd = self.ctx.store.round(job.id, job.round)
         try:
             sigmas, taus = round_noise(rnd, job.spec.settings)
-            with self.ctx.metrics.timed(self.ctx.metrics.step_seconds):
-                step(files, self.ctx.key(job.id), job.spec, job.round, rnd.s0, files.s1(job.round, rnd.accepted),
-                     sigmas, taus)
+            began = time.perf_counter()
+            step(files, self.ctx.key(job.id), job.spec, job.round, rnd.s0, files.s1(job.round, rnd.accepted), sigmas, taus)
+            seconds = time.perf_counter() - began
+            self.ctx.metrics.step_seconds.observe(seconds)
             self.ctx.store.finish_round(job.id, job.round)
+            log.info("job %s round %d: step applied in %.2f s", job.id, job.round, seconds,
+                     extra={"job": job.id, "round": job.round, "seconds": seconds})
             files.delete_folder(files.round_dir(job.round))
             self.after_step(job)
         except PumError:
             raise
         except Exception as err:
-            log.exception("job %s failed in round %d", job.id, job.round)
+            log.exception("job %s failed in round %d", job.id, job.round,
+                          extra={"job": job.id, "round": job.round, "reason": "step_failed"})
             self.ctx.metrics.failed("step_failed")
             self.ctx.store.set_job_state(job.id, JobState.FAILED, error=f"{type(err).__name__} in round {job.round}")
             raise

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
-from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -71,20 +69,6 @@ class Metrics:
         for chunk in chunks:
             counter.inc(len(chunk))
             yield chunk
-
-    def timed_copy(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
-        """The copy's chunks; a stream that ran to its end is one observation of copy generation."""
-        start = time.perf_counter()
-        yield from self.counted("copy", chunks)
-        self.copy_seconds.observe(time.perf_counter() - start)
-
-    @staticmethod
-    @contextmanager
-    def timed(histogram: Histogram) -> Iterator[None]:
-        """Observe the block's duration when it succeeds (a failed one is a failure, not a duration)."""
-        start = time.perf_counter()
-        yield
-        histogram.observe(time.perf_counter() - start)
 
 
 class StoreCollector:

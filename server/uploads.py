@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterable, AsyncIterator, Callable, TypeVar
@@ -54,6 +55,7 @@ class _Spool:
 
     def __init__(self, files: JobFiles, lease: Lease, layout: list[TensorInfo], max_header_bytes: int, received):
         self.files, self.lease, self.received = files, lease, received  # received: the bytes counter
+        self.bytes_in = 0  # bytes of the body so far
         self.parser = StreamParser(expected={i.name: i for i in layout}, max_header_bytes=max_header_bytes,
                                    max_total_bytes=total_size(layout))
         self.name = files.spool(lease.id + "-" + secrets.token_hex(4))
@@ -67,7 +69,9 @@ class _Spool:
             raise
 
     def feed(self, chunks: list[bytes]) -> None:
-        self.received.inc(sum(len(c) for c in chunks))
+        size = sum(len(c) for c in chunks)
+        self.received.inc(size)
+        self.bytes_in += size
         for chunk in chunks:
             for info, tensor in self.parser.feed(chunk):
                 _check_finite(info.name, tensor)
@@ -112,17 +116,25 @@ class Uploads:
         except Exception as err:
             metrics.failed("upload_" + reason_of(err))
             raise
+        began = time.perf_counter()
         try:
-            with metrics.timed(metrics.upload_seconds):
-                async for group in _batched(_idle_timeout(chunks, self.ctx.settings.upload_idle_timeout_s)):
-                    await self._run(spool.feed, group)
-                await self._run(spool.finish)
+            async for group in _batched(_idle_timeout(chunks, self.ctx.settings.upload_idle_timeout_s)):
+                await self._run(spool.feed, group)
+            await self._run(spool.finish)
             # the whole delta is in: renew the lease so a merge queued behind others does not outlive it
             await self._run(self.ctx.store.extend_lease, spool.lease.id, self.ctx.settings.lease_ttl_s)
         except BaseException as err:
             spool.abort()  # closes and unlinks a file: short enough for the loop, and safe when cancelled
-            metrics.failed("upload_" + (reason_of(err) if isinstance(err, Exception) else "cut"))
+            reason = "upload_" + (reason_of(err) if isinstance(err, Exception) else "cut")
+            metrics.failed(reason)
+            log.warning("job %s round %d: upload of %s refused (%s)", spool.lease.job_id, spool.lease.round,
+                        spool.lease.id, reason, extra=self.work.fields(spool.lease, reason=reason))
             raise
+        seconds = time.perf_counter() - began
+        metrics.upload_seconds.observe(seconds)
+        log.info("job %s round %d: received the delta of %s (%d bytes in %.2f s)", spool.lease.job_id,
+                 spool.lease.round, spool.lease.id, spool.bytes_in, seconds,
+                 extra=self.work.fields(spool.lease, bytes=spool.bytes_in, seconds=seconds))
         return Spooled(spool.lease, spool.name)
 
     def _open(self, token: str, lease_id: str, declared: int | None) -> _Spool:
@@ -151,10 +163,10 @@ class Uploads:
                 job = self.ctx.job(lease.job_id)
                 settings = job.spec.settings
                 rnd = self.ctx.store.round(job.id, lease.round)
-                with self.ctx.metrics.timed(self.ctx.metrics.merge_seconds):
-                    s0, s1 = merge_spooled(
-                        files, self.ctx.key(job.id), settings, lease.round, lease.k, spooled.name, rnd.s0, rnd.accepted
-                    )
+                began = time.perf_counter()
+                s0, s1 = merge_spooled(
+                    files, self.ctx.key(job.id), settings, lease.round, lease.k, spooled.name, rnd.s0, rnd.accepted
+                )
                 try:
                     self.ctx.store.accept_copy(lease, s0, s1.rsplit("/", 1)[-1])
                 except BaseException:
@@ -162,8 +174,10 @@ class Uploads:
                     raise
                 if rnd.accepted:
                     files.delete(files.s1(lease.round, rnd.accepted))
+                seconds = time.perf_counter() - began
+                self.ctx.metrics.merge_seconds.observe(seconds)
                 log.info("job %s round %d: accepted %s (%d/%d)", job.id, lease.round, lease.id, rnd.accepted + 1,
-                         settings.copies_m)
+                         settings.copies_m, extra=self.work.fields(lease, seconds=seconds))
                 if rnd.accepted + 1 == settings.copies_m and settings.auto_advance:
                     self.lifecycle.step(self.ctx.job(job.id))
         finally:

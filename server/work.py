@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 from typing import Iterator
 
 from pum.common.codec import total_size
@@ -47,7 +48,7 @@ class WorkProtocol:
         )
         if lease is None:
             return LeaseWait(retry_after_s=WAIT_BUSY_S, job_state=job.state)
-        log.info("job %s round %d: granted %s", job_id, job.round, lease.id)
+        log.info("job %s round %d: granted %s", job_id, job.round, lease.id, extra=self.fields(lease))
         task = TaskSpec(
             method=settings.inner_handler, epochs=settings.local_epochs, max_steps=settings.local_max_steps,
             rounds=settings.rounds_R, reparameterized=settings.use_orthogonal_reparam,
@@ -67,7 +68,8 @@ class WorkProtocol:
     def release(self, token: str, lease_id: str, reason: str) -> Released:
         """A worker gives its copy back (failure or shutdown); the copy is offered again."""
         lease = self.live_lease(token, lease_id)
-        log.warning("job %s: %s given back by its worker: %s", lease.job_id, lease.id, reason[:200])
+        log.warning("job %s: %s given back by its worker: %s", lease.job_id, lease.id, reason[:200],
+                    extra=self.fields(lease, reason=reason[:200]))
         self.ctx.store.release_lease(lease.id, failed=True)
         self.ctx.metrics.failed("given_back")
         return Released()
@@ -91,9 +93,25 @@ class WorkProtocol:
             raise RangeNotSatisfiable(f"range start {start} is outside the copy's {size} bytes")
         sigmas, taus = round_noise(self.ctx.store.round(job.id, lease.round), job.spec.settings)
         chunks = copy_chunks(files, self.ctx.key(job.id), job.spec, lease.round, lease.k, sigmas, taus, layout, start)
-        # a whole copy is one observation of generation time; a resumed one only counts its bytes
-        metrics = self.ctx.metrics
-        return size, self._one_of_few(metrics.timed_copy(chunks) if start == 0 else metrics.counted("copy", chunks))
+        return size, self._one_of_few(self._served(lease, chunks, start))
+
+    def _served(self, lease: Lease, chunks: Iterator[bytes], start: int) -> Iterator[bytes]:
+        """The copy's chunks, counted as served; a stream that ran to its end is logged, and a whole
+        one (not resumed) is one observation of copy generation time."""
+        began, sent = time.perf_counter(), 0
+        for chunk in self.ctx.metrics.counted("copy", chunks):
+            sent += len(chunk)
+            yield chunk
+        seconds = time.perf_counter() - began
+        if start == 0:
+            self.ctx.metrics.copy_seconds.observe(seconds)
+        log.info("job %s round %d: served %s (%d bytes in %.2f s)", lease.job_id, lease.round, lease.id, sent, seconds,
+                 extra=self.fields(lease, bytes=sent, seconds=seconds))
+
+    def fields(self, lease: Lease, **more) -> dict:
+        """A lease's fields for a structured log line (`pum.common.logs`): job, round, copy, lease, worker."""
+        worker = self.ctx.store.token_labels(lease.job_id).get(lease.token_hash)
+        return {"job": lease.job_id, "round": lease.round, "copy": lease.k, "lease": lease.id, "worker": worker, **more}
 
     def _one_of_few(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
         """Generate at most max_concurrent_copies copies at a time (the slot frees when the stream ends)."""
@@ -129,5 +147,6 @@ class WorkProtocol:
 
     def expire(self) -> None:
         for lease in self.ctx.store.expire_leases():
-            log.warning("job %s: %s expired; its copy goes back to the pool", lease.job_id, lease.id)
+            log.warning("job %s: %s expired; its copy goes back to the pool", lease.job_id, lease.id,
+                        extra=self.fields(lease, reason="lease_expired"))
             self.ctx.metrics.failed("lease_expired")

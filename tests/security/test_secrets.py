@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load, load_file, save
 
 from pum.common.layers import layer_group
+from pum.common.logs import JsonFormatter
 from pum.common.noise import (
     CopyNoise, _mac, base_noise, derive_seed, draw_alphas, jitter_noise, job_key_from_seed, mean_base_noise,
 )
@@ -371,6 +372,22 @@ def arm(scanner: Scanner, trace: Trace) -> None:
     assert len(trace.downloads) == ROUNDS * (M + 2)
 
 
+def admin_outputs(admin: httpx.Client, job: str) -> list[tuple[str, str]]:
+    """What the operator's tools read: /metrics, the /ui page, the status document and table."""
+    from pum.client.admin import AdminAPI
+    from pum.client.status_view import status_table
+
+    outputs = []
+    for path in ("/metrics", "/ui", f"/v1/jobs/{job}", f"/v1/jobs/{job}/privacy"):
+        response = admin.get(path)
+        assert response.status_code == 200, (path, response.text[:300])
+        outputs.append((f"GET {path}", response.text))
+    api = AdminAPI(admin)
+    outputs.append(("pum admin status", status_table(api.status(job), api.privacy(job))))
+    assert "pum_served_bytes_total" in outputs[0][1] and "<html" in outputs[1][1].lower()
+    return outputs
+
+
 def loose_bits(mode: int) -> int:
     return stat.S_IMODE(mode) & 0o077
 
@@ -429,6 +446,10 @@ def test_no_secret_reaches_a_worker_or_a_log(server, tiny_model_dir, caplog, tau
     logs = [(f"{r.name}:{r.lineno}", formatter.format(r) + " " + repr(r.args)) for r in caplog.records]
     assert any("granted" in line for _, line in logs) and any("expired" in line for _, line in logs)
     assert any(r.name.startswith("pum.") for r in caplog.records)
+    # the same records as `--log-format json` writes them: the structured fields are scanned too
+    as_json = [(f"json {r.name}:{r.lineno}", JsonFormatter().format(r)) for r in caplog.records]
+    assert sum('"lease": "lease-' in line and '"worker": "' in line for _, line in as_json) >= 4
+    logs += as_json + admin_outputs(server.admin, job)
 
     scanner = trace.secrets.scanner()
     arm(scanner, trace)
