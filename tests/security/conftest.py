@@ -62,7 +62,7 @@ def wait_ready(ping: Callable[[], bool], process: subprocess.Popen, log_path: Pa
 
 def start_server_process(
     root: Path, *, lease_ttl_s: float = 30.0, log_level: str = "INFO", tls: tuple[Path, Path] | None = None,
-    ca_file: Path | None = None, dev: bool = False,
+    ca_file: Path | None = None, dev: bool = False, log_format: str = "text",
 ) -> ServerProcess:
     """`python -m pum.cli --log-level LEVEL server …` on a free loopback port, ready when /healthz answers.
     `dev`: development mode (the admin token is still required), for seeded jobs."""
@@ -70,7 +70,7 @@ def start_server_process(
     scheme = "https" if tls else "http"
     url = f"{scheme}://127.0.0.1:{port}"
     state_dir, saves_dir, log_path = root / "state", root / "saves", root / "server.log"
-    args = [sys.executable, "-m", "pum.cli", "--log-level", log_level, "server", "--state-dir", str(state_dir),
+    args = [sys.executable, "-m", "pum.cli", "--log-level", log_level, "--log-format", log_format, "server", "--state-dir", str(state_dir),
             "--saves-dir", str(saves_dir), "--host", "127.0.0.1", "--port", str(port), "--lease-ttl", str(lease_ttl_s)]
     if tls:
         args += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]

@@ -457,10 +457,12 @@ def test_no_secret_reaches_a_worker_or_a_log(server, tiny_model_dir, caplog, tau
 
 
 @pytest.mark.e2e
-def test_no_secret_on_the_wire_or_in_the_log_of_a_real_server(server_process, tiny_model_dir, state_db):
-    """The same job against `pum --log-level DEBUG server` on 127.0.0.1: uvicorn's own logs too."""
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_no_secret_on_the_wire_or_in_the_log_of_a_real_server(server_process, tiny_model_dir, state_db, log_format):
+    """The same job against `pum --log-level DEBUG --log-format FORMAT server` on 127.0.0.1: uvicorn's
+    own logs too; then what the operator reads (/metrics, /ui, status)."""
     ttl = 2.5
-    srv = server_process(lease_ttl_s=ttl, log_level="DEBUG", dev=True)  # a seeded job
+    srv = server_process(lease_ttl_s=ttl, log_level="DEBUG", dev=True, log_format=log_format)  # a seeded job
     with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {srv.admin_token}"}, timeout=30) as admin:
         body = {"task": "secrets", "model_dir": str(tiny_model_dir), "hyperparams": {"lr": 1e-3},
                 "pum": {"seed": SEED, "copies_m": M, "rounds_R": ROUNDS, "jitter_tau": 1e-3, "noise_kappa": 0.05}}
@@ -479,13 +481,21 @@ def test_no_secret_on_the_wire_or_in_the_log_of_a_real_server(server_process, ti
         finally:
             for client in clients:
                 client.close()
+        operator = admin_outputs(admin, job)
     check_secrets_are_the_servers(trace, state_db.lease_copies(srv.state_dir), 1e-3)
     srv.stop()
-    log = srv.log_text()
+    log = raw = srv.log_text()
+    if log_format == "json":
+        events = [json.loads(line) for line in raw.splitlines() if line.strip()]  # every line is one JSON event
+        log = "\n".join(event["message"] for event in events)
+        served = [e for e in events if "served" in e["message"]]
+        assert served and all({"job", "round", "copy", "lease", "worker", "bytes", "seconds"} <= set(e) for e in served)
+        assert {e["worker"] for e in served} == {"a", "b"}
+        assert sum(e["bytes"] for e in served if e["message"].endswith("s)")) > 0
     assert "granted" in log and "expired" in log and '"POST /v1/work/lease HTTP/1.1" 200' in log  # access log on
     scanner = trace.secrets.scanner()
     arm(scanner, trace)
-    assert_clean(scanner, trace, [(f"server.log:{i}", line) for i, line in enumerate(log.splitlines())])
+    assert_clean(scanner, trace, [(f"server.log:{i}", line) for i, line in enumerate(raw.splitlines())] + operator)
 
 
 # ---- secrets at rest --------------------------------------------------------------------------------
