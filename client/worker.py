@@ -122,9 +122,11 @@ class Worker:
             except Exception as err:  # whatever went wrong, the copy goes back to the pool now
                 self._count_failure()
                 if isinstance(err, (PumError, RefusedLease)):  # a refusal by either side: its message says it all
-                    log.warning("copy of lease %.40r failed, giving it back: %s", reply.lease_id, err)
+                    log.warning("copy of lease %.40r failed, giving it back: %s", reply.lease_id, err,
+                                extra={"lease": reply.lease_id[:40], "reason": type(err).__name__})
                 else:
-                    log.exception("copy of lease %.40r failed; giving it back", reply.lease_id)
+                    log.exception("copy of lease %.40r failed; giving it back", reply.lease_id,
+                                  extra={"lease": reply.lease_id[:40], "reason": type(err).__name__})
                 self._give_back(reply.lease_id, f"{type(err).__name__}: {err}")
             if self._failed_in_a_row >= self.options.max_consecutive_failures:
                 raise RuntimeError(f"worker stops: {self._failed_in_a_row} copies failed in a row (see the log above)")
@@ -159,7 +161,8 @@ class Worker:
                                     lambda row: metrics_log.write(json.dumps(row) + "\n"))
                 train = self.trainer(copy, delta_path)
             trained = time.perf_counter()
-            with self._bar("upload", delta_path.stat().st_size) as bar:
+            delta_bytes = delta_path.stat().st_size
+            with self._bar("upload", delta_bytes) as bar:
                 result = self.api.upload_delta(lease.id, delta_path, bar.update)
         metrics = {
             "round": lease.round, "task": lease.task_name, "method": lease.task.method, "train": train,
@@ -167,7 +170,9 @@ class Worker:
             "server": result.model_dump(mode="json"),
         }
         (copy_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        log.info("round %d copy done in %s: %s", lease.round, copy_dir.name, metrics["seconds"])
+        log.info("round %d copy done in %s: %s", lease.round, copy_dir.name, metrics["seconds"],
+                 extra={"job": reply.job_id, "round": lease.round, "lease": lease.id,
+                        "seconds": sum(metrics["seconds"].values()), "bytes": delta_bytes})
         return metrics
 
     def train_copy(self, copy: ReceivedCopy, delta_path: Path) -> dict:
