@@ -52,7 +52,7 @@ job_id=""
 state=""
 if [ -s "$tokens_dir/job-id" ]; then
     previous=$(cat "$tokens_dir/job-id")
-    state=$(pum admin ${PUM_CA_FILE:+--ca-file "$PUM_CA_FILE"} status "$previous" | json_field state 2>/dev/null) || state=""
+    state=$(pum admin ${PUM_CA_FILE:+--ca-file "$PUM_CA_FILE"} status "$previous" --json | json_field state 2>/dev/null) || state=""
     case $state in
         created | running | paused)
             job_id=$previous

@@ -74,18 +74,18 @@ class JobService:
         return views.privacy(self.context, job_id)
 
     def _epsilon(self, job_id: str) -> float | None:
-        """The headline ε of /metrics, computed again only when what the report depends on changed."""
-        job = self.context.job(job_id)
-        inputs = (job.state, len(self.store.rounds(job_id)), self.store.largest_party_leases(job_id),
-                  tuple(sorted(self.store.token_parties(job_id).items())))
-        cached = self._epsilons.get(job_id)
-        if cached is None or cached[0] != inputs:
-            try:
-                value = headline_epsilon(self.privacy(job_id))
-            except (PumError, OSError):  # a job whose files are gone: no ε, the scrape still answers
-                value = None
-            cached = self._epsilons[job_id] = (inputs, value)
-        return cached[1]
+        """The headline ε of /metrics, computed again only when what the report depends on changed; None
+        for a job without one, or whose files are gone (the scrape still answers)."""
+        try:
+            job = self.context.job(job_id)
+            inputs = (job.state, len(self.store.rounds(job_id)), self.store.largest_party_leases(job_id),
+                      tuple(sorted(self.store.token_parties(job_id).items())))
+            cached = self._epsilons.get(job_id)
+            if cached is None or cached[0] != inputs:
+                cached = self._epsilons[job_id] = (inputs, headline_epsilon(self.privacy(job_id)))
+            return cached[1]
+        except (PumError, OSError):
+            return None
 
     @property
     def metrics(self) -> Metrics:

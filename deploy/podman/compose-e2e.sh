@@ -135,7 +135,7 @@ done
 
 step "result"
 job=$(podman run --rm --volume "${project}_tokens:/tokens:ro" --entrypoint cat pum-server /tokens/job-id)
-podman exec "$server" pum admin status "$job" > "$work/status.json"
+podman exec "$server" pum admin status "$job" --json > "$work/status.json"
 "$python" - "$work" <<'EOF'
 import json, sys
 from pathlib import Path

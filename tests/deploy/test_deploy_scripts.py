@@ -126,6 +126,7 @@ def test_setup_script_creates_the_job_writes_tokens_and_starts(fake_pum, tmp_pat
     result, calls = fake_pum("setup.sh", ["/opt/pum/job.yaml", "worker-0", "worker-1"], FAKE_STATE="running", **env)
     assert result.returncode == 0, result.stderr
     assert [c["argv"][:2] for c in calls] == [["admin", "status"]]
+    assert "--json" in calls[0]["argv"]  # the state is read from the document; the default is a table for people
     result, calls = fake_pum("setup.sh", ["/opt/pum/job.yaml", "worker-0", "worker-1"], FAKE_STATE="finalized", **env)
     assert result.returncode == 0, result.stderr
     assert [c["argv"][1] for c in calls] == ["status", "create", "token", "token", "start"]

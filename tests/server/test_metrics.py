@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load, save
 
@@ -41,17 +40,6 @@ def value(samples, name: str, **labels) -> float:
 
 def delta(copy: bytes, scale: float = 0.01) -> bytes:
     return save({n: (scale * t.float()).contiguous() for n, t in load(copy).items()})
-
-
-@pytest.fixture
-def base_dir(tmp_path):
-    """A public base model: with center clipping relative to it, the report has an ε."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(5)
-    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                 intermediate_size=32, tie_word_embeddings=True)).save_pretrained(tmp_path / "base")
-    return tmp_path / "base"
 
 
 def test_metrics_count_what_a_job_did(server, tiny_model_dir, base_dir):

@@ -20,16 +20,6 @@ from pum.server.audit import audit_round
 C, GAMMA = 0.5, 1.3
 
 
-@pytest.fixture
-def base_dir(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(5)
-    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                 intermediate_size=32, tie_word_embeddings=True)).save_pretrained(tmp_path / "base")
-    return tmp_path / "base"
-
-
 def dp_job(server, model_dir, base_dir, start=True, **pum):
     settings = {"copies_m": 4, "rounds_R": 2, "dp_epsilon": 4.0, "base_model": str(base_dir),
                 "center_clip_C_per_layer": C, "center_clip_C_global": C, **pum}
