@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 
 FIELDS = ("job", "round", "copy", "lease", "worker", "bytes", "seconds", "reason", "state")
@@ -40,9 +41,13 @@ class JsonFormatter(logging.Formatter):
 
 def configure(level: str, fmt: str = "text") -> None:
     """Text: logging's basic set-up on stderr (left alone when the root logger has handlers already, as
-    under pytest). JSON: one handler of ours on stderr (replacing an earlier one of ours). httpx's
-    per-request lines only from WARNING."""
+    under pytest). JSON: one handler of ours on stderr (replacing an earlier one of ours), and every
+    line on stderr is an event. httpx's per-request lines only from WARNING."""
     if fmt == "json":
+        # Nothing else on stderr: Python's warnings become events, and transformers' and the hub's
+        # progress bars stay off (read when they are first imported, which is after this).
+        logging.captureWarnings(True)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         root = logging.getLogger()
         for old in [h for h in root.handlers if getattr(h, "pum_json", False)]:
             root.removeHandler(old)

@@ -52,16 +52,27 @@ def test_log_format_defaults_to_the_variable(monkeypatch):
     assert build_parser().parse_args(["admin", "jobs"]).log_format == "json"
 
 
-def test_configure_json_writes_json_lines_to_stderr(capfd):
+def test_configure_json_writes_json_lines_to_stderr(capfd, monkeypatch):
+    import warnings
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)  # restored after the test
     root = logging.getLogger()
     level = root.level
     try:
         configure("INFO", "json")
         configure("INFO", "json")  # a second set-up replaces the handler: one line per event
         logging.getLogger("pum.test").info("hello %s", "there", extra={"job": "job-9"})
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            logging.captureWarnings(True)  # pytest's own capture replaced it: set it again, as configure did
+            warnings.warn("a library's warning", UserWarning)
     finally:
+        logging.captureWarnings(False)
         for handler in [h for h in root.handlers if getattr(h, "pum_json", False)]:
             root.removeHandler(handler)
         root.setLevel(level)
     lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1 and json.loads(lines[0])["job"] == "job-9" and json.loads(lines[0])["message"] == "hello there"
+    events = [json.loads(line) for line in lines]  # every line on stderr is JSON
+    assert events[0]["job"] == "job-9" and events[0]["message"] == "hello there"
+    assert len(events) == 2 and "a library's warning" in events[1]["message"] and events[1]["logger"] == "py.warnings"
+    assert __import__("os").environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"  # transformers' bars stay off
