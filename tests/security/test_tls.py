@@ -84,7 +84,7 @@ def test_worker_needs_the_ca_to_talk_to_a_tls_server(tmp_path, server_process, t
     # the admin command line takes --ca-file too
     result = subprocess.run(
         [sys.executable, "-m", "pum.cli", "admin", "--server", server.url, "--token", server.admin_token,
-         "--ca-file", ca, "status", job],
+         "--ca-file", ca, "status", job, "--json"],
         capture_output=True, text=True, timeout=120, env={**os.environ, "PUM_ADMIN_TOKEN": ""},
     )
     assert result.returncode == 0, result.stderr[-2000:]
