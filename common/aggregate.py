@@ -4,15 +4,16 @@ With w_k = 1/α_k the server keeps S0 = Σ w_k and S1 = Σ w_k·Δ_k and, once a
 applies θ ← θ + η·S1/S0. Writing Δ_k ≈ g + J·α_k·ε⁰_k, the linear noise term becomes
 J·Σ_k ε⁰_k / S0 = 0 for zero-sum noise.
 
-Output files are server secrets (S1 reveals α through its weights, θ is the model): they are
-created 0600. S1 lives on disk, not in memory: each accepted delta produces a new S1 file from the previous
-one, tensor by tensor, so the server holds O(one tensor) whatever m and the model size are,
-and the previous file stays valid until the new one is committed (atomic acceptance).
+The server keeps every accepted upload until the round is complete and reduces them once, tensor by
+tensor in the copies' order k (`apply_merged`): it holds O(one tensor) whatever m and the model
+size are, each upload is written once and read once, and the merged model does not depend on the
+order the uploads arrived in. Output files are server secrets (θ is the model): created 0600.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -20,9 +21,6 @@ import torch
 
 from .codec import SafetensorsFile, SafetensorsFileWriter, TensorInfo
 from .layers import layer_group
-
-TensorMap = Callable[[str, torch.Tensor], torch.Tensor]
-
 
 def harmonic_weight(alpha: float) -> float:
     """w_k = 1/α_k."""
@@ -52,53 +50,45 @@ def sum_of_squares(tensor: torch.Tensor, chunk: int = 1 << 20) -> float:
     return sum(part.double().pow(2).sum().item() for part in flat.split(chunk)) if flat.numel() else 0.0
 
 
-def group_sum_squares(source: SafetensorsFile) -> dict[str, float]:
-    """Σ x² per layer group of a file's tensors (float64 sums)."""
+def group_sum_squares(names: list[str], read: Callable[[str], torch.Tensor]) -> dict[str, float]:
+    """Σ x² per layer group of the tensors `read(name)` (float64 sums)."""
     sums: dict[str, float] = {}
-    for info in source.infos:
-        value = sum_of_squares(source.read(info.name))
-        group = layer_group(info.name)
-        sums[group] = sums.get(group, 0.0) + value
+    for name in names:
+        group = layer_group(name)
+        sums[group] = sums.get(group, 0.0) + sum_of_squares(read(name))
     return sums
 
 
-def accumulate_delta(
-    delta: SafetensorsFile,
-    s1_previous: SafetensorsFile | None,
-    out: Path | BinaryIO,
-    weight: float,
-    *,
-    align: TensorMap | None = None,
-    clip_per_layer: float | None = None,
-    clip_total: float | None = None,
-) -> dict[str, float]:
-    """Write S1 + weight·clip(align(Δ)) to `out` (a path or an open blob), one tensor at a time; returns norms.
+@dataclass(frozen=True)
+class WeightedUpdate:
+    """One accepted copy's part of the step: Δ_k tensor by tensor (aligned, float32), its weight
+    w_k = 1/α_k and its clip factor per layer group ({}: not clipped)."""
 
-    `align` inverts the copy's reparameterization (Δ_k = T_k⁻¹(Δ'_k)). The clipping norms are
-    taken on the raw delta: the transforms are orthogonal maps and permutations within a
-    layer, so they preserve every group's L2 norm.
+    weight: float
+    read: Callable[[str], torch.Tensor]
+    scales: dict[str, float]
+
+    def factor(self, name: str) -> float:
+        return self.weight * self.scales.get(layer_group(name), 1.0)
+
+
+def apply_merged(theta: SafetensorsFile, updates: list[WeightedUpdate], eta: float, out: Path | BinaryIO) -> None:
+    """Write θ + η·S1/S0 to `out` tensor by tensor (float32), with S0 = Σ_k w_k and
+    S1 = Σ_k w_k·c_k,ℓ·Δ_k summed in the order of `updates` (the copies' order k: the sums, and so
+    the model, do not depend on the order the uploads arrived in).
+
+    Refuses (ValueError) to write a non-finite θ: nothing is written then.
     """
-    sums = group_sum_squares(delta) if (clip_per_layer or clip_total) else {}
-    scales = update_clip_scales(sums, clip_per_layer, clip_total) if sums else {}
-    infos = [TensorInfo(i.name, "F32", i.shape) for i in delta.infos]
-    with SafetensorsFileWriter(out, infos, private=True) as writer:
-        for info in delta.infos:
-            update = delta.read(info.name).to(torch.float32)
-            if align is not None:
-                update = align(info.name, update)
-            factor = weight * scales.get(layer_group(info.name), 1.0)
-            total = s1_previous.read(info.name) if s1_previous is not None else torch.zeros(info.shape)
-            writer.write(info.name, total.to(torch.float32).add_(update, alpha=factor))
-    norm = math.sqrt(sum(sums.values())) if sums else float("nan")
-    return {"delta_norm": norm, "clip_factor_min": min(scales.values(), default=1.0)}
-
-
-def apply_update(theta: SafetensorsFile, s1: SafetensorsFile, s0: float, eta: float, out: Path | BinaryIO) -> None:
-    """Write θ + η·S1/S0 to `out` (a path or an open blob) tensor by tensor (float32)."""
+    s0 = sum(update.weight for update in updates)
     if s0 <= 0:
         raise ValueError(f"S0 must be positive (got {s0}): no copy was merged")
     infos = [TensorInfo(i.name, "F32", i.shape) for i in theta.infos]
     with SafetensorsFileWriter(out, infos, private=True) as writer:
         for info in theta.infos:
-            merged = theta.read(info.name).to(torch.float32)
-            writer.write(info.name, merged.add_(s1.read(info.name), alpha=eta / s0))
+            s1 = torch.zeros(info.shape, dtype=torch.float32)
+            for update in updates:
+                s1.add_(update.read(info.name), alpha=update.factor(info.name))
+            merged = theta.read(info.name).to(torch.float32).add_(s1, alpha=eta / s0)
+            if not torch.isfinite(merged).all():
+                raise ValueError(f"the step makes {info.name} non-finite: θ is left as it was")
+            writer.write(info.name, merged)

@@ -8,8 +8,9 @@
     ├── Unauthorized        401  missing or unknown bearer token
     ├── Forbidden           403  a valid token without the right role or job
     ├── NotFound            404  no such job, lease or file
-    └── Conflict            409  the request is valid but the state does not allow it
-        └── LeaseExpired    410  the lease ran out or its copy was handed to another worker
+    ├── Conflict            409  the request is valid but the state does not allow it
+    │   └── LeaseExpired    410  the lease ran out or its copy was handed to another worker
+    └── InsufficientStorage 507  the server's disk cannot hold what the request needs (bytes named)
 
 `BY_STATUS` is the one status ↔ exception table: the server answers `err.status`, and the client
 raises `BY_STATUS[status]` for an error reply.
@@ -68,6 +69,11 @@ class Conflict(PumError):
 class LeaseExpired(Conflict):
     status = 410
     summary = "the lease expired or ended"
+
+
+class InsufficientStorage(PumError):
+    status = 507
+    summary = "the server's disk is too full"
 
 
 def _subclasses(cls: type[PumError]) -> list[type[PumError]]:

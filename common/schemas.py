@@ -6,6 +6,7 @@ client parses replies with the same classes. States travel as the enums of `pum.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -204,6 +205,13 @@ class Release(BaseModel):
 
 class Released(BaseModel):
     released: bool = True
+
+
+class UploadKind(StrEnum):
+    """What an upload holds (the `kind` query parameter of the upload route)."""
+
+    DELTA = "delta"  # Δ' = trained − received, float32
+    TRAINED = "trained"  # the trained weights in the copy's dtypes; the server subtracts the copy
 
 
 class UploadAccepted(BaseModel):

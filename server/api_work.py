@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
 
 from pum.common.errors import InvalidInput
-from pum.common.schemas import Heartbeat, LeaseReply, Release, Released, UploadAccepted
+from pum.common.schemas import Heartbeat, LeaseReply, Release, Released, UploadAccepted, UploadKind
 
 from .auth import Service, WorkerToken
 from .binary import BINARY, binary_reply, binary_response
@@ -72,10 +72,13 @@ def download_copy(
     "/leases/{lease_id}/delta", response_model=UploadAccepted,
     openapi_extra={"requestBody": {"required": True, "content": BINARY}},
 )
-async def upload_delta(lease_id: str, request: Request, token: WorkerToken, service: Service) -> UploadAccepted:
-    """Upload the float32 delta (trained − received) of every tensor, as safetensors."""
+async def upload_delta(
+    lease_id: str, request: Request, token: WorkerToken, service: Service, kind: UploadKind = UploadKind.DELTA,
+) -> UploadAccepted:
+    """Upload the update of every tensor, as safetensors: `kind=delta` (the default) the float32 delta
+    trained − received; `kind=trained` the trained weights in the copy's dtypes (a bf16 model's
+    upload is then its bf16 size, exact when the worker trained in the model's dtype)."""
     declared = request.headers.get("content-length")
-    spooled = await service.uploads.receive(
-        token, lease_id, request.stream(), int(declared) if declared and declared.isdigit() else None
+    return await service.uploads.upload(
+        token, lease_id, kind, request.stream(), int(declared) if declared and declared.isdigit() else None
     )
-    return await service.uploads.merge(spooled)

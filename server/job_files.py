@@ -9,11 +9,10 @@ Layout (keys under jobs/<id>/ of the state blob store):
     rounds/r{r}/theta_ref.safetensors  θ_ref of round r (center clipping only)
     rounds/r{r}/center.safetensors     the clipped center θ̃ of round r (center clipping only)
     rounds/r{r}/zbar.safetensors       z̄ of the round's zero-sum noise (secret)
-    rounds/r{r}/s1_{n}.safetensors     S1 after n accepted copies
-    spool/<name>.safetensors           an upload being received (scratch: deleted at start-up)
+    rounds/r{r}/upload_{lease}.safetensors  an upload, received under that lease; it counts once
+                                       the store accepts the lease's copy (else start-up deletes it)
 
-Every blob of a job is private (0600) and every write is atomic and durable, except spooled
-uploads, which are atomic only: a crash deletes them anyway.
+Every blob of a job is private (0600) and every write is atomic and durable.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ class JobFiles:
     KEY = "secret.key"
     BASE = "base.safetensors"
     PUBLIC = "public"
-    SPOOL = "spool"
+    SPOOL = "spool"  # where uploads were received before they were kept in their round: start-up empties it
 
     @staticmethod
     def theta(round_: int) -> str:
@@ -63,16 +62,14 @@ class JobFiles:
         return f"{cls.round_dir(round_)}/zbar.safetensors"
 
     @classmethod
-    def s1(cls, round_: int, accepted: int) -> str:
-        return f"{cls.round_dir(round_)}/s1_{accepted}.safetensors"
+    def upload(cls, round_: int, lease_id: str) -> str:
+        return f"{cls.round_dir(round_)}/{cls.UPLOAD_PREFIX}{lease_id}.safetensors"
+
+    UPLOAD_PREFIX = "upload_"
 
     @staticmethod
     def reference(i: int) -> str:
         return f"reference_{i}.safetensors"
-
-    @classmethod
-    def spool(cls, name: str) -> str:
-        return f"{cls.SPOOL}/{name}.safetensors"
 
     @classmethod
     def public(cls, name: str) -> str:

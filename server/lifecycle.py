@@ -12,16 +12,16 @@ import secrets
 import time
 
 from pum.common.aliases import canonical_job
-from pum.common.errors import Conflict, InvalidInput, PumError
+from pum.common.errors import Conflict, InsufficientStorage, InvalidInput, PumError
 from pum.common.hub import resolve_local
 from pum.common.model_files import is_task_name
 from pum.common.settings import PumSettings
-from pum.common.states import ACTIONS, JobAction, JobState
+from pum.common.states import ACTIONS, CopyState, JobAction, JobState, RoundState
 
 from .context import ServerContext
 from .job_setup import create_job_files
 from .model_io import export_model
-from .rounds import prepare_round, round_noise, step
+from .rounds import model_sized_writes, prepare_round, round_noise, step
 from .store import Job, JobSpec
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ class Lifecycle:
         self.ctx = ctx
         self._actions = {
             JobAction.START: self._start, JobAction.PAUSE: self._set(JobState.PAUSED),
-            JobAction.RESUME: self._set(JobState.RUNNING), JobAction.ABORT: self._set(JobState.ABORTED),
+            JobAction.RESUME: self._resume, JobAction.ABORT: self._set(JobState.ABORTED),
             JobAction.ADVANCE: self._advance, JobAction.FINALIZE: self._finalize,
         }
 
@@ -81,6 +81,12 @@ class Lifecycle:
 
         return action
 
+    def _resume(self, job: Job) -> None:
+        """Hand out leases again; a complete round whose step was deferred (disk full) steps now."""
+        job = self.ctx.store.set_job_state(job.id, JobState.RUNNING)
+        if job.spec.settings.auto_advance:
+            self.finish_round(job)
+
     def _start(self, job: Job) -> None:
         self.open_round(job, 1)
         self.ctx.store.set_job_state(job.id, JobState.RUNNING)
@@ -91,7 +97,7 @@ class Lifecycle:
         m = job.spec.settings.copies_m
         if current.accepted < m:
             raise Conflict(f"round {job.round} has {current.accepted} of {m} copies: all are needed to step")
-        self.step(job)
+        self.finish_round(job)
 
     def _finalize(self, job: Job) -> None:
         """Save θ as of the last completed round and end the job (a partial round is discarded)."""
@@ -99,13 +105,19 @@ class Lifecycle:
 
     # ---- rounds (the job's lock is held) -------------------------------------------------------
     def step(self, job: Job) -> None:
-        """Apply θ ← θ + η·S1/S0 for the current round, then open the next one or finalize."""
+        """Apply θ ← θ + η·S1/S0 for the current round, then open the next one or finalize.
+
+        An I/O error (a full disk) changes nothing the round needs: its uploads stay, the job is
+        paused with the reason, and `resume` (or `advance`) tries again (`finish_round`; 507 meanwhile)."""
         files = self.ctx.files(job.id)
         rnd = self.ctx.store.round(job.id, job.round)
+        uploads = [(c.k, files.upload(job.round, c.lease_id))
+                   for c in self.ctx.store.copies(job.id, job.round) if c.state is CopyState.ACCEPTED]
         try:
+            files.blobs.check_space(model_sized_writes(files, job.spec, job.round), f"the step of round {job.round}")
             sigmas, taus = round_noise(rnd, job.spec.settings)
             began = time.perf_counter()
-            step(files, self.ctx.key(job.id), job.spec, job.round, rnd.s0, files.s1(job.round, rnd.accepted), sigmas, taus)
+            step(files, self.ctx.key(job.id), job.spec, job.round, uploads, sigmas, taus)
             seconds = time.perf_counter() - began
             self.ctx.metrics.step_seconds.observe(seconds)
             self.ctx.store.finish_round(job.id, job.round)
@@ -113,6 +125,8 @@ class Lifecycle:
                      extra={"job": job.id, "round": job.round, "seconds": seconds})
             files.delete_folder(files.round_dir(job.round))
             self.after_step(job)
+        except (OSError, InsufficientStorage) as err:
+            self._defer_step(job, err)
         except PumError:
             raise
         except Exception as err:
@@ -121,6 +135,28 @@ class Lifecycle:
             self.ctx.metrics.failed("step_failed")
             self.ctx.store.set_job_state(job.id, JobState.FAILED, error=f"{type(err).__name__} in round {job.round}")
             raise
+
+    def finish_round(self, job: Job) -> None:
+        """Whatever a complete round still lacks: its step, or (stepped already) the next round or the export."""
+        current = self.ctx.store.round(job.id, job.round) if job.round else None
+        if current is None:
+            return
+        if current.state is RoundState.MERGED:
+            try:
+                self.after_step(job)
+            except (OSError, InsufficientStorage) as err:
+                self._defer_step(job, err)
+        elif current.accepted == job.spec.settings.copies_m:
+            self.step(job)
+
+    def _defer_step(self, job: Job, err: Exception) -> None:
+        """Keep the complete round for a later try: pause the job with the reason; raise 507."""
+        reason = str(err) if isinstance(err, InsufficientStorage) else \
+            f"an I/O error in the step of round {job.round} ({err.strerror or type(err).__name__})"
+        log.warning("job %s round %d: step deferred: %s", job.id, job.round, reason)
+        if self.ctx.job(job.id).state is JobState.RUNNING:
+            self.ctx.store.set_job_state(job.id, JobState.PAUSED, error=f"step deferred: {reason}; resume to retry")
+        raise InsufficientStorage(f"{reason}; the round is kept: free space, then resume or advance the job") from None
 
     def after_step(self, job: Job) -> None:
         """Open the round after a merged one, or export the model after the last."""
@@ -131,6 +167,7 @@ class Lifecycle:
 
     def open_round(self, job: Job, round_: int) -> None:
         files = self.ctx.files(job.id)
+        files.blobs.check_space(model_sized_writes(files, job.spec, round_), f"opening round {round_}")
         sigmas, taus = prepare_round(files, self.ctx.key(job.id), job.spec, round_)
         self.ctx.store.open_round(job.id, round_, job.spec.settings.copies_m, sigmas, taus)
         if round_ > 1:

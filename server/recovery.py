@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 
-from pum.common.states import TAKES_UPLOADS, RoundState
+from pum.common.errors import InsufficientStorage
+from pum.common.states import TAKES_UPLOADS, CopyState, RoundState
 
 from .context import ServerContext
 from .lifecycle import Lifecycle
@@ -17,17 +18,20 @@ log = logging.getLogger(__name__)
 
 
 def remove_orphans(ctx: ServerContext) -> None:
-    """Spooled uploads, and S1 blobs of an open round other than the committed one."""
+    """Uploads of an open round whose copy was never accepted (and the spool folder of older versions)."""
     for job in ctx.store.jobs():
         files = ctx.files(job.id)
         files.delete_folder(files.SPOOL)
         rnd = ctx.store.round(job.id, job.round) if job.round else None
         if rnd is None or rnd.state is not RoundState.OPEN:
             continue
+        kept = {files.upload(job.round, c.lease_id) for c in ctx.store.copies(job.id, job.round)
+                if c.state is CopyState.ACCEPTED}
         for name in files.list(files.round_dir(job.round)):
-            if name.startswith("s1_") and name != rnd.s1_file:
-                log.info("job %s round %d: removing %s, never committed", job.id, job.round, name)
-                files.delete(f"{files.round_dir(job.round)}/{name}")
+            blob = f"{files.round_dir(job.round)}/{name}"
+            if name.startswith(files.UPLOAD_PREFIX) and blob not in kept:
+                log.info("job %s round %d: removing %s, never accepted", job.id, job.round, name)
+                files.delete(blob)
 
 
 def recover(ctx: ServerContext, lifecycle: Lifecycle) -> None:
@@ -36,10 +40,10 @@ def recover(ctx: ServerContext, lifecycle: Lifecycle) -> None:
     for job in ctx.store.jobs():
         if job.state not in TAKES_UPLOADS or not job.round:
             continue
-        settings = job.spec.settings
         with ctx.lock(job.id):
             rnd = ctx.store.round(job.id, job.round)
-            if rnd.state is RoundState.MERGED:
-                lifecycle.after_step(job)
-            elif rnd.accepted == settings.copies_m and settings.auto_advance:
-                lifecycle.step(job)
+            if rnd.state is RoundState.MERGED or job.spec.settings.auto_advance:
+                try:
+                    lifecycle.finish_round(job)
+                except InsufficientStorage as err:  # the job is paused with the reason; the server serves on
+                    log.warning("job %s: %s", job.id, err)

@@ -1,4 +1,4 @@
-"""One round on disk: noise scales, z̄, published copies, merging uploads, the step.
+"""One round on disk: noise scales, z̄, published copies, the step over the accepted uploads.
 
 Every read and write goes through the job's `JobFiles` (layout in `pum.server.job_files`).
 """
@@ -6,12 +6,14 @@ Every read and write goes through the job's `JobFiles` (layout in `pum.server.jo
 from __future__ import annotations
 
 import functools
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterator
 
 import torch
 
-from pum.common.aggregate import accumulate_delta, apply_update, harmonic_weight, sum_of_squares
+from pum.common.aggregate import (
+    WeightedUpdate, apply_merged, group_sum_squares, harmonic_weight, sum_of_squares, update_clip_scales,
+)
 from pum.common.center import write_center, write_reference_ema
 from pum.common.codec import DTYPES, SafetensorsFile, TensorInfo, stream_safetensors_from
 from pum.common.errors import InvalidInput
@@ -19,6 +21,7 @@ from pum.common.layers import group_names, layer_group
 from pum.common.noise import CopyNoise, draw_alphas, harmonic_noise, mean_base_noise, relative_sigmas
 from pum.common.reparam import CopyTransform, adapter_for
 from pum.common.privacy.target import RoundNoise, calibrate_round
+from pum.common.schemas import UploadKind
 from pum.common.settings import PumSettings
 
 from .job_files import JobFiles
@@ -194,39 +197,64 @@ def copy_chunks(
         yield from stream_safetensors_from(layout, noisy, start)
 
 
-def merge_spooled(
-    files: JobFiles, key: bytes, settings: PumSettings, round_: int, k: int,
-    spool: str, s0: float, accepted: int,
-) -> tuple[float, str]:
-    """Fold one spooled delta into S1; returns the new S0 and the new S1 blob (written, not yet committed
-    to the store: until then the round's S1 is the previous one)."""
-    alpha = copy_noise(key, settings, round_, k).alpha
-    weight = harmonic_weight(alpha)
-    transform = copy_transform(files, key, settings, round_, k)
-    out = files.s1(round_, accepted + 1)
-    with files.read(spool) as delta, files.create(out) as writer:
-        s1_previous = files.read(files.s1(round_, accepted)) if accepted else None
-        try:
-            accumulate_delta(
-                delta, s1_previous, writer.file, weight, align=transform.inverse if transform else None,
-                clip_per_layer=settings.clip_update_norm_per_layer, clip_total=settings.clip_update_norm,
-            )
-        finally:
-            if s1_previous:
-                s1_previous.close()
-    return s0 + weight, out
+def upload_layout(files: JobFiles, round_: int, dtypes: dict[str, str], kind: UploadKind) -> list[TensorInfo]:
+    """What an upload of `kind` must contain: every tensor of the copy, as Δ' in float32 (`delta`)
+    or as the trained weights in the published copy's dtypes (`trained`)."""
+    return published_layout(files, round_, dtypes if kind is UploadKind.TRAINED else {})
 
 
-def step(files: JobFiles, key: bytes, spec: JobSpec, round_: int, s0: float, s1: str,
+def accepted_updates(
+    files: JobFiles, key: bytes, spec: JobSpec, round_: int, uploads: list[tuple[int, str]],
+    sigmas: dict[str, float], taus: dict[str, float], stack: ExitStack,
+) -> list[WeightedUpdate]:
+    """Each accepted upload (copy k, its blob) as w_k·clip(Δ_k), in the order given.
+
+    Δ'_k is the upload itself (`delta`) or trained − copy_k with copy_k regenerated from the seeds
+    exactly as published (`trained`), both in float32; Δ_k = T_k⁻¹(Δ'_k). The clipping norms are
+    taken on Δ'_k (the transforms preserve every group's norm): one more read of each upload, only
+    when update clipping is on.
+    """
+    settings = spec.settings
+    published = {i.name: i for i in published_layout(files, round_, spec.dtypes)}
+    updates = []
+    for k, name in uploads:
+        upload = stack.enter_context(files.read(name))
+        trained = upload.metadata.get("kind") == UploadKind.TRAINED
+        copy = stack.enter_context(copy_tensors(files, key, spec, round_, k, sigmas, taus)) if trained else None
+        transform = copy_transform(files, key, settings, round_, k)
+
+        def raw(tensor: str, upload=upload, copy=copy) -> torch.Tensor:
+            value = upload.read(tensor).to(torch.float32)
+            return value.sub_(copy(published[tensor]).to(torch.float32)) if copy else value
+
+        def aligned(tensor: str, raw=raw, transform=transform) -> torch.Tensor:
+            return transform.inverse(tensor, raw(tensor)) if transform else raw(tensor)
+
+        clipping = settings.clip_update_norm_per_layer or settings.clip_update_norm
+        sums = group_sum_squares(list(published), raw) if clipping else {}
+        scales = update_clip_scales(sums, settings.clip_update_norm_per_layer, settings.clip_update_norm) if sums else {}
+        updates.append(WeightedUpdate(harmonic_weight(copy_noise(key, settings, round_, k).alpha), aligned, scales))
+    return updates
+
+
+def model_sized_writes(files: JobFiles, spec: JobSpec, round_: int) -> int:
+    """Disk the step of round r writes (θ_{r+1}, and θ_ref,r+1 with clipping), and at most what opening
+    round r writes (z̄, and the clipped center with clipping): each blob the size of θ_r."""
+    return files.size(files.theta(round_)) * (2 if spec.clipping else 1)
+
+
+def step(files: JobFiles, key: bytes, spec: JobSpec, round_: int, uploads: list[tuple[int, str]],
          sigmas: dict[str, float], taus: dict[str, float]) -> None:
-    """θ_{r+1} = θ_r + η·S1/S0, and with clipping θ_ref,r+1 = β·θ_ref,r + (1 − β)·H_r, with
+    """θ_{r+1} = θ_r + η·S1/S0 from the round's accepted uploads (copy k, its blob), reduced in
+    the order given (by k); with clipping θ_ref,r+1 = β·θ_ref,r + (1 − β)·H_r, with
     H_r = Σ_k w_k·copy_k / S0 the harmonic combination of the round's published copies (before
     T_k): a released quantity, so the next round's sensitivity stays 2·C_ℓ given the past rounds.
     (The EMA of the secret center θ̃ would add (1 − β)·2·C_ℓ,r to every later round's sensitivity.)"""
     settings = spec.settings
-    with files.read(files.theta(round_)) as theta, files.read(s1) as s1_file, \
-            files.create(files.theta(round_ + 1)) as out:
-        apply_update(theta, s1_file, s0, settings.eta_srv, out.file)
+    with ExitStack() as stack:
+        updates = accepted_updates(files, key, spec, round_, uploads, sigmas, taus, stack)
+        with files.read(files.theta(round_)) as theta, files.create(files.theta(round_ + 1)) as out:
+            apply_merged(theta, updates, settings.eta_srv, out.file)
     if spec.clipping:
         alphas = list(round_alphas(key, round_, settings.copies_m, settings.alpha_min, settings.alpha_max))
         with files.read(files.theta_ref(round_)) as ref, files.read(files.clipped_center(round_)) as center, \

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pum.common.codec import SafetensorsFile, TensorInfo, stream_safetensors
+from pum.common.errors import InsufficientStorage
 
 CHUNK = 1 << 20
 _SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,199}$")
@@ -160,7 +161,18 @@ class BlobStore(ABC):
     def drop_partial_writes(self) -> int:
         """Delete what writers left uncommitted when the process died; returns how many (start-up only)."""
 
+    def free_bytes(self) -> int | None:
+        """Bytes a new blob may still take (None: the backend does not know)."""
+        return None
+
     # ---- helpers ---------------------------------------------------------------------------
+    def check_space(self, needed: int, what: str) -> None:
+        """InsufficientStorage, naming the bytes needed and available, when `needed` bytes do not fit."""
+        free = self.free_bytes()
+        if free is not None and needed > free:
+            raise InsufficientStorage(f"{what} needs {needed} bytes of disk and the server has {free} free: "
+                                      "free space on the server, then try again")
+
     def read_bytes(self, key: str) -> bytes:
         with self.open(key) as f:
             return f.read()

@@ -115,6 +115,12 @@ class LocalBlobStore(BlobStore):
     def describe(self, key: str) -> str:
         return str(self.path(key).resolve())
 
+    def free_bytes(self) -> int | None:
+        folder = self.root
+        while not folder.is_dir():  # before the first blob: the disk the folder will be made on
+            folder = folder.parent
+        return shutil.disk_usage(folder).free
+
     def drop_partial_writes(self) -> int:
         stale = list(self.root.rglob(".*.tmp")) if self.root.is_dir() else []
         for path in stale:

@@ -36,8 +36,9 @@ class MemoryWriter(BlobWriter):
 
 
 class MemoryBlobStore(BlobStore):
-    def __init__(self, faults: Faults | None = None):
+    def __init__(self, faults: Faults | None = None, capacity: int | None = None):
         self.faults = faults or Faults()
+        self.capacity = capacity  # bytes the store may hold in all (None: unlimited), for tests of a full disk
         self.lock = threading.Lock()
         self.blobs: dict[str, bytes] = {}
 
@@ -82,6 +83,12 @@ class MemoryBlobStore(BlobStore):
 
     def describe(self, key: str) -> str:
         return f"memory:{check_key(key)}"
+
+    def free_bytes(self) -> int | None:
+        if self.capacity is None:
+            return None
+        with self.lock:
+            return max(0, self.capacity - sum(map(len, self.blobs.values())))
 
     def drop_partial_writes(self) -> int:
         return 0  # a writer's buffer dies with the process

@@ -29,33 +29,37 @@ def test_update_clip_scales_per_layer_then_total():
     assert scales == pytest.approx({"layer.0": 2 / 3 * overall, "layer.1": 0.5 * overall})
 
 
-def test_accumulate_and_apply_by_hand(tmp_path):
+def update(weight: float, tensors: dict[str, torch.Tensor], scales: dict[str, float] | None = None):
+    return aggregate.WeightedUpdate(weight, tensors.__getitem__, scales or {})
+
+
+def test_apply_merged_by_hand(tmp_path):
     theta = write(tmp_path / "theta", {"model.layers.0.w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.0])})
-    d1 = write(tmp_path / "d1", {"model.layers.0.w": torch.tensor([1.0, 1.0]), "b": torch.tensor([2.0])})
-    d2 = write(tmp_path / "d2", {"model.layers.0.w": torch.tensor([3.0, -1.0]), "b": torch.tensor([4.0])})
-    aggregate.accumulate_delta(d1, None, tmp_path / "s1_1", 1 / 1.0)
-    with SafetensorsFile(tmp_path / "s1_1") as s1:
-        aggregate.accumulate_delta(d2, s1, tmp_path / "s1_2", 1 / 2.0)
-    s0 = 1.0 + 0.5
-    with SafetensorsFile(tmp_path / "s1_2") as s1:
-        aggregate.apply_update(theta, s1, s0, 0.5, tmp_path / "theta2")
+    d1 = {"model.layers.0.w": torch.tensor([1.0, 1.0]), "b": torch.tensor([2.0])}
+    d2 = {"model.layers.0.w": torch.tensor([3.0, -1.0]), "b": torch.tensor([4.0])}
+    aggregate.apply_merged(theta, [update(1 / 1.0, d1), update(1 / 2.0, d2)], 0.5, tmp_path / "theta2")
     with SafetensorsFile(tmp_path / "theta2") as out:
-        # S1 = d1 + d2/2 = [2.5, 0.5], [4.0]; θ + 0.5·S1/1.5
+        # S0 = 1.5, S1 = d1 + d2/2 = [2.5, 0.5], [4.0]; θ + 0.5·S1/1.5
         torch.testing.assert_close(out.read("model.layers.0.w"), torch.tensor([1 + 2.5 / 3, 2 + 0.5 / 3]))
         torch.testing.assert_close(out.read("b"), torch.tensor([4.0 / 3]))
 
 
-def test_accumulate_applies_alignment_and_clipping(tmp_path):
-    delta = write(tmp_path / "d", {"model.layers.0.w": torch.tensor([3.0, 4.0])})
-    stats = aggregate.accumulate_delta(
-        delta, None, tmp_path / "s", 2.0, align=lambda name, t: t.flip(0), clip_per_layer=1.0
-    )
-    assert stats["delta_norm"] == pytest.approx(5.0)
-    with SafetensorsFile(tmp_path / "s") as s1:
-        torch.testing.assert_close(s1.read("model.layers.0.w"), torch.tensor([4.0, 3.0]) * 2.0 / 5.0)
+def test_apply_merged_applies_each_groups_clip_factor(tmp_path):
+    theta = write(tmp_path / "theta", {"model.layers.0.w": torch.zeros(2), "b": torch.zeros(1)})
+    delta = {"model.layers.0.w": torch.tensor([3.0, 4.0]), "b": torch.tensor([1.0])}
+    sums = aggregate.group_sum_squares(list(delta), delta.__getitem__)
+    assert sums == pytest.approx({"layer.0": 25.0, "global": 1.0})
+    scales = aggregate.update_clip_scales(sums, per_layer=1.0, total=None)
+    aggregate.apply_merged(theta, [update(2.0, delta, scales)], 1.0, tmp_path / "out")
+    with SafetensorsFile(tmp_path / "out") as out:  # η·w·c·Δ/S0 = c·Δ
+        torch.testing.assert_close(out.read("model.layers.0.w"), torch.tensor([3.0, 4.0]) / 5.0)
+        torch.testing.assert_close(out.read("b"), torch.tensor([1.0]))
 
 
-def test_apply_update_refuses_empty_round(tmp_path):
-    theta = write(tmp_path / "theta", {"w": torch.zeros(1)})
+def test_apply_merged_refuses_empty_round_and_non_finite_step(tmp_path):
+    theta = write(tmp_path / "theta", {"w": torch.tensor([3e38])})
     with pytest.raises(ValueError, match="no copy"):
-        aggregate.apply_update(theta, theta, 0.0, 1.0, tmp_path / "out")
+        aggregate.apply_merged(theta, [], 1.0, tmp_path / "out")
+    with pytest.raises(ValueError, match="non-finite"):
+        aggregate.apply_merged(theta, [update(1.0, {"w": torch.tensor([3e38])})], 1.0, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -237,7 +237,7 @@ def test_64_workers_lease_heartbeat_upload_concurrently(tmp_path, tiny_model_dir
 
 # ---- check-then-act races, made deterministic in-process ----------------------------------------
 def _tiny_delta(server, job: str) -> bytes:
-    layout = server.service.uploads.delta_layout(job, 1)
+    layout = server.service.uploads.layout(job, 1)
     return save({i.name: torch.full(tuple(i.shape), 1e-3) for i in layout})
 
 
@@ -256,15 +256,15 @@ def test_lease_expiring_during_its_merge_is_410_not_500(server, tiny_model_dir, 
     assert helper.put(f"/v1/work/leases/{other}/delta", content=_tiny_delta(server, job)).status_code == 200
     before = server.service.store.round(job, 1)
     regranted = {}
-    merge = uploads.merge_spooled
+    weigh = uploads.copy_noise
 
     def slow_merge(*args, **kwargs):
-        out = merge(*args, **kwargs)
+        out = weigh(*args, **kwargs)
         server.clock.now += server.settings.lease_ttl_s + 1  # a long merge, heartbeats lost meanwhile
         regranted.update(server.service.work.lease(second).model_dump())  # another worker asks for work right then
         return out
 
-    monkeypatch.setattr(uploads, "merge_spooled", slow_merge)
+    monkeypatch.setattr(uploads, "copy_noise", slow_merge)
     response = slow.put(f"/v1/work/leases/{lease_id}/delta", content=_tiny_delta(server, job))
     assert regranted.get("status") == "leased"
     assert server.service.store.lease(regranted["lease_id"]).k == server.service.store.lease(lease_id).k

@@ -220,7 +220,7 @@ def bad_bodies(good: bytes) -> list[tuple[bytes, int]]:
     return [
         (save({**tensors, name: torch.zeros(3, 3)}), 400),
         (save({**tensors, name: torch.full(tensors[name].shape, float("nan"))}), 400),
-        (good + b"\0" * 4096, 413),
+        (good + b"\0" * 8192, 413),
         (b"not a safetensors file", 400),
     ]
 

@@ -11,6 +11,7 @@ from safetensors.torch import load, save
 
 from pum.client.api import WorkerAPI
 from pum.common.errors import RequestTimeout
+from pum.common.schemas import UploadKind
 
 
 def leased(server, tiny_model_dir, **pum):
@@ -83,8 +84,8 @@ def test_a_stalled_upload_times_out_and_changes_nothing(tmp_path, tiny_model_dir
         yield body[100:]
 
     with pytest.raises(RequestTimeout, match="stalled"):
-        asyncio.run(server.service.uploads.receive(token, lease, stalls(), len(body)))
-    assert not list(server.settings.state_dir.glob("jobs/*/spool/*"))
+        asyncio.run(server.service.uploads.receive(token, lease, UploadKind.DELTA, stalls(), len(body)))
+    assert not list(server.settings.state_dir.glob("jobs/*/rounds/*/*upload_*"))
     rnd = server.service.store.round(job, 1)
     assert (rnd.accepted, rnd.s0, rnd.s1_file) == (0, 0.0, None)
     assert worker.put(f"/v1/work/leases/{lease}/delta", content=body).status_code == 200  # the lease lives on

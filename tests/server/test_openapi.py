@@ -79,9 +79,10 @@ def test_one_exception_class_per_status_both_ways():
     assert {s: c.__name__ for s, c in BY_STATUS.items()} == {
         400: "InvalidInput", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 408: "RequestTimeout",
         409: "Conflict", 410: "LeaseExpired", 413: "PayloadTooLarge", 416: "RangeNotSatisfiable",
+        507: "InsufficientStorage",
     }
     assert all(cls.status == status for status, cls in BY_STATUS.items())
-    assert error_for_status(500) is PumError and error_for_status(507) is PumError
+    assert error_for_status(500) is PumError and error_for_status(502) is PumError
 
 
 @pytest.mark.parametrize("status", sorted(BY_STATUS) + [500, 503])

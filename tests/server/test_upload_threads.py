@@ -10,12 +10,14 @@ import threading
 import torch
 from safetensors.torch import save
 
+from pum.common.schemas import UploadKind
+
 
 def test_an_upload_blocks_nothing_on_the_event_loop(server, tiny_model_dir, monkeypatch):
     job = server.create_job(tiny_model_dir, {"copies_m": 2, "rounds_R": 1})
     token = server.token(job)
     lease = server.worker(token).post("/v1/work/lease").json()["lease_id"]
-    layout = server.service.uploads.delta_layout(job, 1)
+    layout = server.service.uploads.layout(job, 1)
     body = save({i.name: torch.full(tuple(i.shape), 1e-3) for i in layout})
 
     calls: list[tuple[str, int, int]] = []  # (what, thread, its niceness)
@@ -38,8 +40,8 @@ def test_an_upload_blocks_nothing_on_the_event_loop(server, tiny_model_dir, monk
             await asyncio.sleep(0)
 
     async def upload() -> tuple[int, object]:
-        spooled = await server.service.uploads.receive(token, lease, chunks(), len(body))
-        return threading.get_ident(), await server.service.uploads.merge(spooled)
+        reply = await server.service.uploads.upload(token, lease, UploadKind.DELTA, chunks(), len(body))
+        return threading.get_ident(), reply
 
     loop_thread, reply = asyncio.run(upload())
     during = list(calls)  # what the upload did (the checks below read the store too)
