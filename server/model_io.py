@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from pum.common.codec import DTYPES, SafetensorsFile, TensorInfo
+from pum.common.codec import DTYPES, SafetensorsFile, TensorInfo, total_size
 from pum.common.errors import InvalidInput
 from pum.common.model_files import PUBLIC_FILES, code_loading_keys, is_plain_file_name
 
@@ -138,6 +138,7 @@ def ingest_weights(model_dir: Path, files: JobFiles, name: str, what: str) -> di
         if others := [info.name for info in kept if info.dtype not in FLOATS]:
             raise InvalidInput(f"model has non-float tensors PUM cannot perturb: {others[:5]}")
         infos = [TensorInfo(match.names[i.name], "F32", i.shape) for i in kept]
+        files.blobs.check_space(total_size(infos), f"the job's float32 copy of {what}")
         tensors = (located[i.name][0].read(i.name).float() for i in kept)
         files.write_safetensors(name, infos, tensors)
     return {match.names[info.name]: info.dtype for info in kept}
