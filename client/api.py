@@ -15,7 +15,7 @@ import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from pum.common.errors import InvalidInput, error_for_status
-from pum.common.schemas import LEASE_REPLY, ErrorBody, Heartbeat, LeaseDone, LeaseGranted, LeaseWait, UploadAccepted
+from pum.common.schemas import LEASE_REPLY, ErrorBody, Heartbeat, LeaseDone, LeaseGranted, LeaseWait, UploadAccepted, UploadKind
 
 CHUNK = 1 << 20
 
@@ -115,13 +115,14 @@ class WorkerAPI:
                 return dest
         raise InvalidInput(f"copy download stopped at {received} of {total} bytes after {self.retries} tries")
 
-    def upload_delta(self, lease_id: str, path: Path, progress: Callable[[int], None] | None = None) -> UploadAccepted:
-        """PUT the delta file; transport failures are retried with exponential backoff."""
+    def upload_delta(self, lease_id: str, path: Path, progress: Callable[[int], None] | None = None,
+                     kind: UploadKind = UploadKind.DELTA) -> UploadAccepted:
+        """PUT the update file (`kind`: what it holds); transport failures are retried with exponential backoff."""
         size = path.stat().st_size
         for attempt in range(self.retries):
             try:
                 response = self.http.put(
-                    f"/v1/work/leases/{lease_id}/delta",
+                    f"/v1/work/leases/{lease_id}/delta", params={"kind": kind.value},
                     content=_file_chunks(path, progress),
                     headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
                 )

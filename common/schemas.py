@@ -210,8 +210,10 @@ class Released(BaseModel):
 class UploadKind(StrEnum):
     """What an upload holds (the `kind` query parameter of the upload route)."""
 
-    DELTA = "delta"  # Δ' = trained − received, float32
-    TRAINED = "trained"  # the trained weights in the copy's dtypes; the server subtracts the copy
+    DELTA = "delta"  # Δ' = trained − received, float32: exact
+    DELTA_BF16 = "delta-bf16"  # Δ' rounded to bfloat16: half the bytes, ~0.2 % relative error of Δ' (bench/upload_dtype.py)
+    TRAINED = "trained"  # the trained weights in the copy's dtypes, the server subtracts the copy: exact only
+    # when the worker trained in those dtypes (float32-trained weights rounded to bf16 lose most of an lr-sized Δ)
 
 
 class UploadAccepted(BaseModel):

@@ -198,9 +198,12 @@ def copy_chunks(
 
 
 def upload_layout(files: JobFiles, round_: int, dtypes: dict[str, str], kind: UploadKind) -> list[TensorInfo]:
-    """What an upload of `kind` must contain: every tensor of the copy, as Δ' in float32 (`delta`)
-    or as the trained weights in the published copy's dtypes (`trained`)."""
-    return published_layout(files, round_, dtypes if kind is UploadKind.TRAINED else {})
+    """What an upload of `kind` must contain: every tensor of the copy, as Δ' in float32 (`delta`) or
+    bfloat16 (`delta-bf16`), or as the trained weights in the published copy's dtypes (`trained`)."""
+    layout = published_layout(files, round_, dtypes)
+    if kind is UploadKind.TRAINED:
+        return layout
+    return [TensorInfo(i.name, "BF16" if kind is UploadKind.DELTA_BF16 else "F32", i.shape) for i in layout]
 
 
 def accepted_updates(

@@ -14,6 +14,7 @@ from pum.client.carry import (
     CarryStore, carried_for_copy, check_name, decode_optimizer_state, encode_optimizer_state, load_weights_inplace,
 )
 from pum.client.trainer import TrainConfig
+from pum.common.schemas import UploadKind
 
 torch.set_num_threads(1)
 
@@ -198,9 +199,9 @@ def test_the_worker_writes_the_state_before_its_upload(server, model_dir, forget
     seen = []
 
     class Watching(WorkerAPI):
-        def upload_delta(self, lease_id, path, progress=None):
+        def upload_delta(self, lease_id, path, progress=None, kind=UploadKind.DELTA):
             seen.append(sorted(p.name for p in (tmp_path / "carry" / "order" / job).iterdir()))
-            return super().upload_delta(lease_id, path, progress)
+            return super().upload_delta(lease_id, path, progress, kind)
 
     options = WorkerOptions(saves_dir=tmp_path / "saves", carry_dir=tmp_path / "carry", progress=False)
     assert Worker(Watching(server.worker(server.token(job))), forget_pairs, retain_pairs, options,

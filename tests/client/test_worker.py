@@ -10,7 +10,7 @@ import torch
 
 from pum.client.api import WorkerAPI
 from pum.client.worker import Worker, WorkerOptions
-from pum.common.schemas import UploadAccepted
+from pum.common.schemas import UploadAccepted, UploadKind
 from pum.common.states import JobState
 
 
@@ -33,6 +33,37 @@ def test_worker_runs_a_job_to_the_end(server, model_dir, forget_pairs, retain_pa
     assert len(log_lines) == 2 and all("loss" in json.loads(line) for line in log_lines)
     metrics = json.loads((tmp_path / "saves" / "t1" / "pum_round2_copy1" / "metrics.json").read_text())
     assert metrics["method"] == "GradDiff" and metrics["train"]["steps"] == 2
+
+
+def test_a_bf16_delta_worker_uploads_half_the_bytes_and_merges_close_to_float32(
+    server_factory, model_dir, forget_pairs, retain_pairs, tmp_path
+):
+    from safetensors.torch import load, load_file
+
+    class Recording(WorkerAPI):
+        def upload_delta(self, lease_id, path, progress=None, kind=UploadKind.DELTA):
+            sent.append((kind, path.stat().st_size))
+            return super().upload_delta(lease_id, path, progress, kind)
+
+    theta = {n: t.double() for n, t in load_file(model_dir / "model.safetensors").items()}
+    updates, sizes = {}, {}
+    for bf16 in (False, True):
+        sent = []
+        server = server_factory(tmp_path / str(bf16))
+        job = server.create_job(model_dir, {"copies_m": 2, "rounds_R": 1, "inner_handler": "GradDiff",
+                                            "local_max_steps": 2, "noise_kappa": 0.0})
+        api = Recording(server.worker(server.token(job)))
+        options = WorkerOptions(saves_dir=tmp_path / str(bf16), progress=False, bf16_delta=bf16)
+        assert Worker(api, forget_pairs, retain_pairs, options, sleep=lambda s: None).run() == 2
+        merged = load(server.admin.get(f"/v1/jobs/{job}/model/model.safetensors").content)
+        updates[bf16] = {n: merged[n].double() - theta[n] for n in theta}
+        sizes[bf16] = sent
+    assert {kind for kind, _ in sizes[True]} == {UploadKind.DELTA_BF16}
+    assert {kind for kind, _ in sizes[False]} == {UploadKind.DELTA}
+    assert sizes[True][0][1] < 0.51 * sizes[False][0][1]
+    error = sum((updates[True][n] - updates[False][n]).pow(2).sum() for n in theta) ** 0.5
+    norm = sum(updates[False][n].pow(2).sum() for n in theta) ** 0.5
+    assert 0 < norm and error / norm < 1e-2  # bf16 rounding of Δ: ~0.2 % of the update (bench/upload_dtype.py)
 
 
 def test_a_failing_copy_is_given_back_and_the_worker_stops_after_repeated_failures(
