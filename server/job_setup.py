@@ -18,7 +18,7 @@ from pum.common.reparam import adapter_for
 from pum.common.settings import PumSettings
 
 from .job_files import JobFiles
-from .model_io import ingest_model, ingest_weights
+from .model_io import ingest_model, ingest_weights, input_shard_bytes
 from .rounds import dp_noise, group_sizes, manual_per_layer_sigmas
 
 
@@ -49,7 +49,8 @@ def create_job_files(files: JobFiles, source: Path, settings: PumSettings) -> di
         dp_noise(sizes, key, settings, clip_norms, 1)
     if settings.noise_mode == "manual_per_layer":  # likewise a σ list that does not fit the model
         manual_per_layer_sigmas(settings.sigma_per_layer, groups)
-    return {"dtypes": dtypes, "clip_norms": clip_norms, "has_base": has_base, "group_sizes": sizes}
+    return {"dtypes": dtypes, "clip_norms": clip_norms, "has_base": has_base, "group_sizes": sizes,
+            "shard_bytes": input_shard_bytes(source)}
 
 
 def check_dp_clipping(clip_norms: dict[str, float | None] | None, groups: list[str]) -> None:

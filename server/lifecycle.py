@@ -176,7 +176,8 @@ class Lifecycle:
     def export(self, job: Job, theta_round: int) -> None:
         """Save θ of `theta_round` as the merged model and end the job as finalized."""
         files = self.ctx.files(job.id)
-        where = export_model(files, files.theta(theta_round), job.spec.dtypes, self.ctx.saves, job.task)
+        where = export_model(files, files.theta(theta_round), job.spec.dtypes, self.ctx.saves, job.task,
+                             job.spec.shard_bytes)
         self.ctx.store.set_job_state(job.id, JobState.FINALIZED, output_dir=where)
         for name in files.list():  # the model now lives in the saves folder
             if name.startswith("theta_r"):

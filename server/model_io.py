@@ -183,13 +183,54 @@ def _inside(path: Path, model_dir: Path) -> Path:
     return path
 
 
-def export_model(files: JobFiles, theta: str, dtypes: dict[str, str], saves: BlobStore, folder: str) -> str:
-    """Write θ in Hugging Face format (model.safetensors in the original dtypes, config, tokenizer)
-    to `folder` of the saves store; returns where it lies."""
+def input_shard_bytes(model_dir: Path, default: int = 5 * 10**9) -> int:
+    """The tensor bytes of the largest shard of a sharded input (the export shards like it), else Hugging
+    Face's default."""
+    shards = weight_files(model_dir)
+    if len(shards) == 1:
+        return default
+    sizes = []
+    for path in shards:
+        with SafetensorsFile(path) as shard:
+            sizes.append(sum(info.nbytes for info in shard.infos))
+    return max(sizes)
+
+
+def shard_plan(infos: list[TensorInfo], shard_bytes: int) -> list[list[TensorInfo]]:
+    """The tensors in order, cut into shards of at most `shard_bytes` (a larger tensor gets a shard of its own)."""
+    shards: list[list[TensorInfo]] = [[]]
+    size = 0
+    for info in infos:
+        if shards[-1] and size + info.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(info)
+        size += info.nbytes
+    return shards
+
+
+def export_model(files: JobFiles, theta: str, dtypes: dict[str, str], saves: BlobStore, folder: str,
+                 shard_bytes: int = 5 * 10**9) -> str:
+    """Write θ in Hugging Face format to `folder` of the saves store; returns where it lies: the weights in
+    their original dtypes, as model.safetensors or, over `shard_bytes`, as shards with a
+    model.safetensors.index.json (no weight file of an earlier export is left beside them), then the
+    config and tokenizer."""
     with files.read(theta) as weights:
         infos = [TensorInfo(i.name, dtypes.get(i.name, "F32"), i.shape) for i in weights.infos]
-        tensors = (weights.read(i.name).to(DTYPES[i.dtype]) for i in infos)
-        saves.write_safetensors(f"{folder}/model.safetensors", infos, tensors, {"format": "pt"}, private=False)
+        plan = shard_plan(infos, shard_bytes)
+        names = ["model.safetensors"] if len(plan) == 1 else \
+            [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+        for name, shard in zip(names, plan):
+            tensors = (weights.read(i.name).to(DTYPES[i.dtype]) for i in shard)
+            saves.write_safetensors(f"{folder}/{name}", shard, tensors, {"format": "pt"}, private=False)
+    if len(plan) > 1:
+        index = {"metadata": {"total_size": sum(i.nbytes for i in infos)},
+                 "weight_map": {i.name: name for name, shard in zip(names, plan) for i in shard}}
+        saves.write_bytes(f"{folder}/{WEIGHT_INDEX}", json.dumps(index, indent=2).encode(), private=False)
+    for stale in saves.list(folder):
+        if stale.startswith("model") and ".safetensors" in stale and stale not in names and \
+                not (len(plan) > 1 and stale == WEIGHT_INDEX):
+            saves.delete(f"{folder}/{stale}")
     for name in files.public_names():
         with saves.create(f"{folder}/{name}", private=False) as writer:
             for chunk in files.chunks(files.public(name)):

@@ -24,6 +24,7 @@ class JobSpec(BaseModel):
     clip_norms: dict[str, float | None] | None  # C_ℓ per layer group; None: no center clipping
     has_base: bool  # a public base model θ_base was given
     group_sizes: dict[str, int]  # d_ℓ: parameters per layer group
+    shard_bytes: int = 5 * 10**9  # the export's largest shard: the input's, else Hugging Face's default (5 GB)
 
     @cached_property
     def settings(self) -> PumSettings:
