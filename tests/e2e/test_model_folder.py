@@ -52,8 +52,11 @@ def test_a_downloaded_model_folder_completes_a_job_and_exports_a_loadable_model(
         assert all(c.failures == 0 for c in status.rounds[0].copies), status
         merged_dir = admin.download_model(job, tmp_path / "merged")
 
-    assert sorted(p.name for p in merged_dir.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+    names = sorted(p.name for p in merged_dir.iterdir())
+    shards = [n for n in names if n.startswith("model-")]  # sharded like the input, with its index
+    assert len(shards) > 1 and shards[-1].endswith(f"-of-{len(shards):05d}.safetensors")
+    assert [n for n in names if n not in shards] == [
+        "config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
     ]
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, trust_remote_code=False, local_files_only=True)
     assert merged.state_dict().keys() == original.state_dict().keys()

@@ -57,7 +57,6 @@ def test_a_sharded_input_is_exported_sharded_and_loads(server, tmp_path, as_a_do
                 sizes[file] = sizes.get(file, 0) + load((folder / file).read_bytes())[name].float().numel() * 4
         return list(sizes.values())
 
-    assert len(files) == len(set(shards_in.values()))
     assert max(data_bytes(saves, index["weight_map"])) <= max(data_bytes(source, shards_in))
     assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in tiny_llama().state_dict().values())
     merged = LlamaForCausalLM.from_pretrained(saves)
