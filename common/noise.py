@@ -55,28 +55,30 @@ def draw_alphas(key: bytes, round_: int, m: int, alpha_min: float, alpha_max: fl
     return alphas
 
 
-def standard_normal(shape: Iterable[int], seed: int) -> torch.Tensor:
-    """float32 N(0, 1) of `shape`, a pure function of `seed` (CPU generator, so any machine agrees)."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+def standard_normal(shape: Iterable[int], seed: int, device: str = "cpu") -> torch.Tensor:
+    """float32 N(0, 1) of `shape` on `device`, a pure function of (`seed`, the device type): the CPU
+    generator gives the same numbers on any machine, a CUDA generator the same on any CUDA device
+    (other numbers than the CPU's: a job keeps the device it was created with)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32, device=device)
 
 
-def base_noise(key: bytes, round_: int, copy: int, tensor: str, shape) -> torch.Tensor:
+def base_noise(key: bytes, round_: int, copy: int, tensor: str, shape, device: str = "cpu") -> torch.Tensor:
     """z_k for one tensor."""
-    return standard_normal(shape, derive_seed(key, "z", round_, copy, tensor))
+    return standard_normal(shape, derive_seed(key, "z", round_, copy, tensor), device)
 
 
-def jitter_noise(key: bytes, round_: int, copy: int, tensor: str, shape) -> torch.Tensor:
+def jitter_noise(key: bytes, round_: int, copy: int, tensor: str, shape, device: str = "cpu") -> torch.Tensor:
     """ξ_k for one tensor, before scaling by τ."""
-    return standard_normal(shape, derive_seed(key, "xi", round_, copy, tensor))
+    return standard_normal(shape, derive_seed(key, "xi", round_, copy, tensor), device)
 
 
-def mean_base_noise(key: bytes, round_: int, m: int, tensor: str, shape) -> torch.Tensor:
-    """z̄ = (1/m)·Σ_k z_k for one tensor, accumulated one copy at a time (O(tensor) memory)."""
-    total = torch.zeros(tuple(shape), dtype=torch.float32)
+def mean_base_noise(key: bytes, round_: int, m: int, tensor: str, shape, device: str = "cpu") -> torch.Tensor:
+    """z̄ = (1/m)·Σ_k z_k for one tensor, accumulated one copy at a time (O(tensor) memory), on the CPU."""
+    total = torch.zeros(tuple(shape), dtype=torch.float32, device=device)
     for k in range(m):
-        total.add_(base_noise(key, round_, k, tensor, shape))
-    return total.div_(m)
+        total.add_(base_noise(key, round_, k, tensor, shape, device))
+    return total.div_(m).cpu()
 
 
 def zero_sum_inplace(z_k: torch.Tensor, z_mean: torch.Tensor, m: int) -> torch.Tensor:
@@ -97,6 +99,7 @@ class CopyNoise:
     alpha: float
     tau: float
     structure: NoiseStructure
+    device: str = "cpu"  # where the noise is drawn and added (the job's device); the result comes back to the CPU
 
     def add_noise_inplace(self, tensor: str, center: torch.Tensor, sigma: float, z_mean: torch.Tensor | None,
                           tau: float | None = None) -> torch.Tensor:
@@ -104,21 +107,21 @@ class CopyNoise:
         (publication reads each tensor fresh from disk, so no extra copy is made). `z_mean` is z̄;
         `tau` the layer group's τ_ℓ (None: the copy's `tau`)."""
         tau = self.tau if tau is None else tau
-        out = center if center.dtype == torch.float32 else center.to(torch.float32)
+        out = center.to(self.device, torch.float32)
         if sigma > 0:
-            z = base_noise(self.key, self.round_, self.copy, tensor, out.shape)
+            z = base_noise(self.key, self.round_, self.copy, tensor, out.shape, self.device)
             if self.structure == "zero_sum":
                 if z_mean is None:
                     raise ValueError("zero-sum noise needs z̄ of the tensor (mean_base_noise)")
-                zero_sum_inplace(z, z_mean, self.m)
+                zero_sum_inplace(z, z_mean.to(self.device), self.m)
             out.add_(z, alpha=self.alpha * sigma)
         if tau > 0:
-            out.add_(jitter_noise(self.key, self.round_, self.copy, tensor, out.shape), alpha=tau)
-        return out
+            out.add_(jitter_noise(self.key, self.round_, self.copy, tensor, out.shape, self.device), alpha=tau)
+        return out.cpu()
 
 
 def harmonic_noise(key: bytes, round_: int, alphas: list[float], tensor: str, shape, sigma: float, tau: float,
-                   structure: NoiseStructure) -> torch.Tensor:
+                   structure: NoiseStructure, device: str = "cpu") -> torch.Tensor:
     """The noise left in the harmonic combination Σ_k w_k·copy_k / S0 (w_k = 1/α_k, S0 = Σ_k w_k)
     of the m copies of one tensor, in float32:
 
@@ -129,13 +132,13 @@ def harmonic_noise(key: bytes, round_: int, alphas: list[float], tensor: str, sh
     from it is post-processing of the release.
     """
     s0 = sum(1.0 / a for a in alphas)
-    total = torch.zeros(tuple(shape), dtype=torch.float32)
+    total = torch.zeros(tuple(shape), dtype=torch.float32, device=device)
     for k, alpha in enumerate(alphas):
         if structure == "independent" and sigma > 0:
-            total.add_(base_noise(key, round_, k, tensor, shape), alpha=sigma / s0)
+            total.add_(base_noise(key, round_, k, tensor, shape, device), alpha=sigma / s0)
         if tau > 0:
-            total.add_(jitter_noise(key, round_, k, tensor, shape), alpha=tau / (alpha * s0))
-    return total
+            total.add_(jitter_noise(key, round_, k, tensor, shape, device), alpha=tau / (alpha * s0))
+    return total.cpu()
 
 
 def relative_sigmas(sum_squares: dict[str, float], counts: dict[str, int], kappa: float, per_layer: bool) -> dict[str, float]:

@@ -34,6 +34,8 @@ SETTING_FLAGS: dict[str, tuple[str, dict]] = {
                       "(PUM_SERVER_TORCH_THREADS; default 1)"}),
     "tls_certfile": ("--tls-cert", {"help": "certificate file: serve HTTPS (PUM_SERVER_TLS_CERTFILE)"}),
     "tls_keyfile": ("--tls-key", {"help": "private key file for --tls-cert (PUM_SERVER_TLS_KEYFILE)"}),
+    "device": ("--device", {"help": "where new jobs draw their copies' noise: cpu, cuda or cuda:N; fixed per job at "
+               "its creation (PUM_SERVER_DEVICE; default cpu)"}),
 }
 
 

@@ -38,6 +38,9 @@ class ServerSettings(BaseSettings):
     upload_threads: int = Field(2, ge=1)
     # Threads torch may use for noise generation and merging.
     torch_threads: int = Field(1, ge=1)
+    # Where new jobs draw their copies' noise: "cpu", or "cuda" / "cuda:N" (the server's GPU). Fixed per
+    # job at its creation: a job's copies are the same bytes only on the device type they were drawn on.
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     # TLS: serve HTTPS when both are given.
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
@@ -57,4 +60,9 @@ class ServerSettings(BaseSettings):
             raise ValueError("set PUM_ADMIN_TOKEN (admin_token), or start in development mode (dev_mode) explicitly")
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError("TLS needs both tls_certfile and tls_keyfile")
+        if self.device != "cpu":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {self.device}: this machine has no CUDA device (use cpu)")
         return self

@@ -55,7 +55,8 @@ class Lifecycle:
         except BaseException:
             files.delete_all()
             raise
-        spec = JobSpec(model_dir=str(source), pum=settings.to_public_dict(), hyperparams=hyperparams, **prepared)
+        spec = JobSpec(model_dir=str(source), pum=settings.to_public_dict(), hyperparams=hyperparams,
+                       device=self.ctx.settings.device, **prepared)
         job = self.ctx.store.insert_job(job_id, task, spec)
         log.info("created job %s (task %s, m=%d, R=%d)", job_id, task, settings.copies_m, settings.rounds_R,
                  extra={"job": job_id, "state": str(job.state)})

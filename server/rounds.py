@@ -16,7 +16,7 @@ from pum.common.aggregate import (
 )
 from pum.common.center import write_center, write_reference_ema
 from pum.common.codec import DTYPES, SafetensorsFile, TensorInfo, stream_safetensors_from
-from pum.common.errors import InvalidInput
+from pum.common.errors import Conflict, InvalidInput
 from pum.common.layers import group_names, layer_group
 from pum.common.noise import CopyNoise, draw_alphas, harmonic_noise, mean_base_noise, relative_sigmas
 from pum.common.reparam import CopyTransform, adapter_for
@@ -98,7 +98,7 @@ def prepare_round(files: JobFiles, key: bytes, spec: JobSpec, round_: int) -> tu
                 taus = dict.fromkeys(sigmas, settings.jitter_tau)
         if uses_zbar(settings, sigmas):
             with files.read(files.center(round_, spec.clipping)) as center:
-                write_zbar(center, key, round_, settings.copies_m, files)
+                write_zbar(center, key, round_, settings.copies_m, files, noise_device(spec.device))
     finally:
         if base:
             base.close()
@@ -126,9 +126,9 @@ def uses_zbar(settings: PumSettings, sigmas: dict[str, float]) -> bool:
     return settings.noise_structure == "zero_sum" and any(s > 0 for s in sigmas.values())
 
 
-def write_zbar(center: SafetensorsFile, key: bytes, round_: int, m: int, files: JobFiles) -> None:
+def write_zbar(center: SafetensorsFile, key: bytes, round_: int, m: int, files: JobFiles, device: str = "cpu") -> None:
     """z̄ per tensor for the round, so publishing a copy regenerates only its own z_k."""
-    tensors = (mean_base_noise(key, round_, m, i.name, i.shape) for i in center.infos)
+    tensors = (mean_base_noise(key, round_, m, i.name, i.shape, device) for i in center.infos)
     files.write_safetensors(files.zbar(round_), [TensorInfo(i.name, "F32", i.shape) for i in center.infos], tensors)
 
 
@@ -147,9 +147,19 @@ def round_alphas(key: bytes, round_: int, m: int, alpha_min: float, alpha_max: f
     return tuple(draw_alphas(key, round_, m, alpha_min, alpha_max))
 
 
-def copy_noise(key: bytes, settings: PumSettings, round_: int, k: int) -> CopyNoise:
+def copy_noise(key: bytes, settings: PumSettings, round_: int, k: int, device: str = "cpu") -> CopyNoise:
     alphas = round_alphas(key, round_, settings.copies_m, settings.alpha_min, settings.alpha_max)
-    return CopyNoise(key, round_, k, settings.copies_m, alphas[k], settings.jitter_tau, settings.noise_structure)
+    return CopyNoise(key, round_, k, settings.copies_m, alphas[k], settings.jitter_tau, settings.noise_structure,
+                     noise_device(device))
+
+
+def noise_device(device: str) -> str:
+    """The job's noise device, if this server has it: the noise of a job is drawn on the device it
+    was created with (another device type draws other numbers, and a resumed download must get the same bytes)."""
+    if device != "cpu" and not torch.cuda.is_available():
+        raise Conflict(f"this job draws its noise on {device}, and this server has no CUDA device: "
+                       "run the server on a machine with one (the device is fixed per job)")
+    return device
 
 
 def published_layout(files: JobFiles, round_: int, dtypes: dict[str, str]) -> list[TensorInfo]:
@@ -168,7 +178,7 @@ def copy_tensors(
     """A function giving one tensor of copy k as published (T_k(θ̃ + α_k·σ_ℓ·ε_k + τ_ℓ·ξ_k) in the
     layout's dtype), generated from the seeds; the round's files stay open while it is in use."""
     settings = spec.settings
-    noise = copy_noise(key, settings, round_, k)
+    noise = copy_noise(key, settings, round_, k, spec.device)
     transform = copy_transform(files, key, settings, round_, k)
     with files.read(files.center(round_, spec.clipping)) as center:
         zbar = files.read(files.zbar(round_)) if uses_zbar(settings, sigmas) else None
@@ -265,7 +275,7 @@ def step(files: JobFiles, key: bytes, spec: JobSpec, round_: int, uploads: list[
             def released(info: TensorInfo) -> torch.Tensor:
                 group = layer_group(info.name)
                 noise = harmonic_noise(key, round_, alphas, info.name, info.shape, sigmas[group], taus[group],
-                                       settings.noise_structure)
+                                       settings.noise_structure, noise_device(spec.device))
                 return noise.add_(center.read(info.name).float())
 
             write_reference_ema(ref, released, settings.theta_ref_beta, out.file)

@@ -25,6 +25,7 @@ class JobSpec(BaseModel):
     has_base: bool  # a public base model θ_base was given
     group_sizes: dict[str, int]  # d_ℓ: parameters per layer group
     shard_bytes: int = 5 * 10**9  # the export's largest shard: the input's, else Hugging Face's default (5 GB)
+    device: str = "cpu"  # where the copies' noise is drawn (the server's --device at creation), fixed for the job
 
     @cached_property
     def settings(self) -> PumSettings:

@@ -270,3 +270,31 @@ def test_a_delta_with_a_small_metadata_is_accepted(tmp_path, server_factory):
     lease, copy = leased_copy(worker)
     body = save({n: torch.zeros(t.shape) for n, t in copy.items()}, metadata={"format": "pt"})
     assert put(worker, lease, body).status_code == 200
+
+
+# ---- the noise device --------------------------------------------------------------------------
+def test_a_job_keeps_the_device_its_noise_is_drawn_on(tmp_path, server_factory):
+    server = server_factory(tmp_path, device="cpu")
+    job = server.create_job(save_llama(tmp_path / "model"), {"copies_m": 2, "rounds_R": 1})
+    assert server.service.store.job(job).spec.device == "cpu"
+    worker = server.worker(server.token(job))
+    lease = worker.post("/v1/work/lease").json()["lease_id"]
+    first = worker.get(f"/v1/work/leases/{lease}/copy").content
+    resumed = worker.get(f"/v1/work/leases/{lease}/copy", headers={"Range": f"bytes={len(first) // 2}-"}).content
+    assert resumed == first[len(first) // 2:]  # the same bytes, regenerated on the job's device
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals of a machine without CUDA")
+def test_a_cuda_device_is_refused_clearly_without_cuda():
+    from pydantic import ValidationError
+
+    from pum.server.config import ServerSettings
+    from pum.server.rounds import noise_device
+
+    with pytest.raises(ValidationError, match="no CUDA device"):
+        ServerSettings(dev_mode=True, device="cuda")
+    with pytest.raises(ValidationError):
+        ServerSettings(dev_mode=True, device="tpu")
+    with pytest.raises(Conflict, match="fixed per job"):
+        noise_device("cuda:0")  # a job created on a GPU server, resumed on one without
+    assert noise_device("cpu") == "cpu"
