@@ -115,9 +115,9 @@ def test_worker_bars_have_the_copy_and_delta_sizes(server, model_dir, forget_pai
     seen_deltas = []
     real_upload = WorkerAPI.upload_delta
 
-    def upload(self, lease_id, path, progress=None):
+    def upload(self, lease_id, path, progress=None, *kind):
         seen_deltas.append(path.stat().st_size)
-        return real_upload(self, lease_id, path, progress)
+        return real_upload(self, lease_id, path, progress, *kind)
 
     monkeypatch.setattr(WorkerAPI, "upload_delta", upload)
     job = server.create_job(model_dir, {"copies_m": 2, "rounds_R": 1, "inner_handler": "GradDiff", "local_max_steps": 1})
