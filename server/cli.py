@@ -117,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput(f"server settings: {err.errors()[0]['msg']}") from None
     import torch
 
+    if settings.device != "cpu" and not torch.cuda.is_available():
+        raise InvalidInput(f"--device {settings.device}: this machine has no CUDA device (use cpu)")
     torch.set_num_threads(settings.torch_threads)
     logging.getLogger("pum").info("state in %s; dev mode %s", settings.state_dir.resolve(), settings.dev_mode)
     # json: uvicorn's loggers (errors, the access log) go to the root handler, so every line is JSON

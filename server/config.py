@@ -60,9 +60,4 @@ class ServerSettings(BaseSettings):
             raise ValueError("set PUM_ADMIN_TOKEN (admin_token), or start in development mode (dev_mode) explicitly")
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError("TLS needs both tls_certfile and tls_keyfile")
-        if self.device != "cpu":
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ValueError(f"device {self.device}: this machine has no CUDA device (use cpu)")
         return self

@@ -14,7 +14,7 @@ VALUES = {  # field → an environment value and how it reads back
     "port": ("9001", 9001), "admin_token": ("t0ken", "t0ken"), "dev_mode": ("true", True),
     "lease_ttl_s": ("7.5", 7.5), "upload_idle_timeout_s": ("3", 3.0), "max_header_bytes": ("4096", 4096),
     "max_concurrent_copies": ("5", 5), "upload_threads": ("4", 4), "torch_threads": ("3", 3), "tls_certfile": ("/c.pem", "/c.pem"),
-    "tls_keyfile": ("/k.pem", "/k.pem"),
+    "tls_keyfile": ("/k.pem", "/k.pem"), "device": ("cuda:1", "cuda:1"),
 }
 READS = {field: {f"PUM_SERVER_{field.upper()}"} for field in VALUES} | {"admin_token": {"PUM_ADMIN_TOKEN"}}
 

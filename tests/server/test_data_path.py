@@ -288,11 +288,12 @@ def test_a_job_keeps_the_device_its_noise_is_drawn_on(tmp_path, server_factory):
 def test_a_cuda_device_is_refused_clearly_without_cuda():
     from pydantic import ValidationError
 
+    from pum.cli import main
     from pum.server.config import ServerSettings
     from pum.server.rounds import noise_device
 
-    with pytest.raises(ValidationError, match="no CUDA device"):
-        ServerSettings(dev_mode=True, device="cuda")
+    assert main(["server", "--dev", "--device", "cuda"]) != 0  # refused at start-up, before serving
+
     with pytest.raises(ValidationError):
         ServerSettings(dev_mode=True, device="tpu")
     with pytest.raises(Conflict, match="fixed per job"):
