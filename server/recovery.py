@@ -23,6 +23,8 @@ def remove_orphans(ctx: ServerContext) -> None:
         files = ctx.files(job.id)
         files.delete_folder(files.SPOOL)
         rnd = ctx.store.round(job.id, job.round) if job.round else None
+        if rnd is not None and rnd.state is RoundState.MERGED:  # stepped: its uploads were about to go
+            files.delete_folder(files.round_dir(job.round))
         if rnd is None or rnd.state is not RoundState.OPEN:
             continue
         kept = {files.upload(job.round, c.lease_id) for c in ctx.store.copies(job.id, job.round)

@@ -57,7 +57,7 @@ class Round:
     state: RoundState
     s0: float
     accepted: int
-    s1_file: str | None
+    s1_file: str | None  # the blob of the last accepted upload (S1 itself is summed only at the step)
     sigmas: dict[str, float]
     started_at: float
     finished_at: float | None

@@ -299,3 +299,25 @@ def test_a_cuda_device_is_refused_clearly_without_cuda():
     with pytest.raises(Conflict, match="fixed per job"):
         noise_device("cuda:0")  # a job created on a GPU server, resumed on one without
     assert noise_device("cpu") == "cpu"
+
+
+def test_a_restart_keeps_the_accepted_uploads_and_removes_the_others(tmp_path, server_factory):
+    first = server_factory(tmp_path)
+    job = first.create_job(save_llama(tmp_path / "model"), {"copies_m": 3, "rounds_R": 1})
+    token = first.token(job)
+    worker = first.worker(token)
+    for _ in range(2):
+        lease, copy = leased_copy(worker)
+        assert put(worker, lease, save({n: torch.full(t.shape, 1e-3) for n, t in copy.items()})).status_code == 200
+    lease, copy = leased_copy(worker)
+    files = first.service.context.files(job)
+    # written, never accepted: the server died between the upload's last byte and its acceptance
+    files.blobs.write_bytes(f"{files.root}/{files.upload(1, lease)}", b"never accepted")
+    first.service.store.close()
+
+    second = server_factory(tmp_path)
+    kept = [n for n in second.service.context.files(job).list("rounds/r1") if n.startswith("upload_")]
+    assert len(kept) == 2 and f"upload_{lease}.safetensors" not in kept
+    body = save({n: torch.full(t.shape, 1e-3) for n, t in copy.items()})
+    assert put(second.worker(token), lease, body).status_code == 200  # the same lease uploads again, and counts
+    assert second.admin.get(f"/v1/jobs/{job}").json()["state"] == "finalized"
