@@ -151,7 +151,7 @@ def pum_round(model_dir: Path, delta: Path, workers: int, copies: int, tmp: Path
             thread.start()
         for thread in threads:
             thread.join()
-        status = admin.wait(job, timeout_s=1800.0)
+        status = admin.wait(job, timeout_s=1800.0, poll_s=0.05)
         seconds = time.perf_counter() - started
         rss = peak_rss_mb(server.process.pid)
     shutil.rmtree(run, ignore_errors=True)
