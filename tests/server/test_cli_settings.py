@@ -15,7 +15,7 @@ VALUES = {
     "state_dir": Path("/srv/pum/state"), "saves_dir": Path("/srv/pum/saves"), "host": "0.0.0.0", "port": 9123,
     "admin_token": "token-from-a-file", "dev_mode": True, "lease_ttl_s": 33.5, "upload_idle_timeout_s": 12.5,
     "max_header_bytes": 4096, "max_concurrent_copies": 3, "upload_threads": 4, "torch_threads": 2,
-    "tls_certfile": Path("/srv/pum/cert.pem"), "tls_keyfile": Path("/srv/pum/key.pem"),
+    "tls_certfile": Path("/srv/pum/cert.pem"), "tls_keyfile": Path("/srv/pum/key.pem"), "device": "cuda:1",
 }
 
 
