@@ -26,6 +26,7 @@ from .context import ServerContext
 from .lifecycle import Lifecycle
 from .metrics import Metrics, StoreCollector, headline_epsilon
 from .recovery import recover, remove_orphans
+from .state_lock import StateLock
 from .store import SqliteStore, Store
 from .tokens import issue_token
 from .uploads import Uploads
@@ -36,9 +37,12 @@ log = logging.getLogger(__name__)
 
 class JobService:
     def __init__(self, store: Store, settings: ServerSettings, blobs: BlobStore | None = None,
-                 saves: BlobStore | None = None, metrics: Metrics | None = None):
+                 saves: BlobStore | None = None, metrics: Metrics | None = None,
+                 state_lock: StateLock | None = None):
         """`blobs` holds the state folder's files and `saves` the merged models (default: local
-        folders settings.state_dir and settings.saves_dir); `metrics` the server's own (default: new)."""
+        folders settings.state_dir and settings.saves_dir); `metrics` the server's own (default: new);
+        `state_lock`, held, is released by `close`."""
+        self._state_lock = state_lock
         self.context = ServerContext(
             store, blobs or LocalBlobStore(settings.state_dir), saves or LocalBlobStore(settings.saves_dir), settings,
             metrics or Metrics(),
@@ -56,8 +60,16 @@ class JobService:
 
     @classmethod
     def open(cls, settings: ServerSettings) -> JobService:
-        """The service over settings.state_dir: SQLite state and local blobs (the embedded defaults)."""
-        return cls(SqliteStore(settings.state_dir / "state.db"), settings)
+        """The service over settings.state_dir: SQLite state and local blobs (the embedded defaults).
+
+        The state folder's lock is taken first, before anything is opened or deleted: Conflict,
+        naming the holder's pid, when another server runs on it."""
+        lock = StateLock(settings.state_dir).acquire()
+        try:
+            return cls(SqliteStore(settings.state_dir / "state.db"), settings, state_lock=lock)
+        except BaseException:
+            lock.release()
+            raise
 
     @property
     def store(self) -> Store:
@@ -103,3 +115,5 @@ class JobService:
     def close(self) -> None:
         self.uploads.close()
         self.context.store.close()
+        if self._state_lock is not None:
+            self._state_lock.release()

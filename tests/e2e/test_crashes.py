@@ -1,10 +1,12 @@
-"""Crashes of real processes: the server killed mid-round, a worker killed mid-training.
+"""Crashes of real processes: the server killed mid-round, a worker killed mid-training, a second
+server started on a running one's state folder.
 
 Nothing accepted is lost, nothing is counted twice, and a dead lease's late upload is refused.
 """
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 
@@ -17,7 +19,8 @@ from pum.client.api import WorkerAPI
 from pum.client.cli import http_client
 from pum.common.errors import LeaseExpired
 from pum.common.states import CopyState, JobAction, JobState
-from pum.demo.cluster import LocalServer, start_worker
+from pum.demo.cluster import PUM as PUM_CLI
+from pum.demo.cluster import LocalServer, free_port, start_worker
 
 pytestmark = pytest.mark.e2e
 PUM = {"copies_m": 3, "rounds_R": 1, "noise_kappa": 0.05, "seed": 11}
@@ -117,6 +120,59 @@ def test_server_killed_mid_round_recovers_the_same_model(tmp_path, model_dir):
             restarted.stop()
     finally:
         server.stop()
+
+
+def test_a_second_server_on_the_same_state_folder_exits_2_and_the_first_keeps_its_upload(tmp_path, model_dir):
+    state, saves = tmp_path / "state", tmp_path / "saves"
+    first = LocalServer(state, saves, log_path=tmp_path / "first.log", dev=True).start()
+    try:
+        with http_client(first.url, first.admin_token) as http:
+            admin = AdminAPI(http)
+            job, token = create(admin, model_dir)
+            api = worker_api(first.url, token)
+            lease, copy = lease_copy(api)
+            body = deterministic_delta(copy)
+            half_sent, go_on = threading.Event(), threading.Event()
+
+            def paused_body():
+                yield body[: len(body) // 2]
+                half_sent.set()
+                go_on.wait(60)
+                yield body[len(body) // 2:]
+
+            outcome = {}
+            uploader = threading.Thread(target=lambda: outcome.setdefault("r", _try(upload, api, lease, paused_body())))
+            uploader.start()
+            assert half_sent.wait(30)
+            spool = state / "jobs" / job / "spool"
+            until(lambda: spool.is_dir() and any(spool.iterdir()), "the first server spools the upload")
+            in_flight = sorted(p.name for p in spool.iterdir())
+
+            second = subprocess.Popen(
+                [*PUM_CLI, "server", "--state-dir", str(state), "--saves-dir", str(saves), "--port", str(free_port()),
+                 "--dev"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            try:
+                output, _ = second.communicate(timeout=60)
+            except subprocess.TimeoutExpired:  # the old behaviour: it started, and serves
+                second.kill()
+                output, _ = second.communicate()
+            assert second.returncode == 2, output[-2000:]
+            assert f"pid {first.process.pid}" in output and str(state.resolve()) in output
+            assert sorted(p.name for p in spool.iterdir()) == in_flight  # it deleted nothing
+
+            go_on.set()
+            uploader.join(60)
+            assert outcome["r"].status_code == 200, outcome["r"]
+            for _ in range(2):
+                lease, copy = lease_copy(api)
+                assert upload(api, lease, deterministic_delta(copy)).status_code == 200
+            final = admin.wait(job, timeout_s=60)
+            assert final.state is JobState.FINALIZED and final.rounds[0].accepted == 3
+    finally:
+        first.stop()
+    # the lock ends with its holder: a server on the folder starts once the first has stopped
+    with LocalServer(state, saves, log_path=tmp_path / "third.log", dev=True):
+        pass
 
 
 def until(condition, what: str, timeout_s: float = 60.0) -> None:
