@@ -38,6 +38,10 @@ class AdminAPI:
         """start, pause, resume, abort, advance or finalize."""
         return parse(self.http.post(f"/v1/jobs/{job_id}/{JobAction(action)}"), JobStatus)
 
+    def delete_job(self, job_id: str) -> JobSummary:
+        """Remove an ended job, its state and its exported model; what it was."""
+        return parse(self.http.delete(f"/v1/jobs/{job_id}"), JobSummary)
+
     def issue_token(self, job_id: str, label: str = "worker") -> str:
         reply = parse(self.http.post(f"/v1/jobs/{job_id}/tokens", json=TokenCreate(label=label).model_dump()), TokenIssued)
         return reply.token

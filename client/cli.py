@@ -102,6 +102,9 @@ def add_parsers(subparsers) -> None:
     wait.add_argument("job_id", help=JOB_ID_HELP)
     wait.add_argument("--timeout", type=float, help="give up after this many seconds (default: wait as long as the job runs)")
     wait.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    delete = commands.add_parser("delete", help="remove an ended job, its state and its exported model "
+                                                "(its task can then be used again)")
+    delete.add_argument("job_id", help=JOB_ID_HELP)
     download = commands.add_parser("download", help="download a finalized job's model")
     download.add_argument("job_id", help=JOB_ID_HELP)
     download.add_argument("dest", help="folder the model's files are written to (created if missing)")
@@ -226,6 +229,8 @@ def run_admin(args: argparse.Namespace) -> int:
             result = api.action(args.job_id, args.command)
         elif args.command == "token":
             result = {"token": api.issue_token(args.job_id, args.label)}
+        elif args.command == "delete":
+            result = api.delete_job(args.job_id)
         elif args.command == "wait":
             result = api.wait(args.job_id, args.timeout, on_status=None if args.no_progress else WaitProgress(sys.stderr))
         else:

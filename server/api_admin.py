@@ -34,6 +34,13 @@ def job_status(job_id: str, service: Service) -> JobStatus:
     return service.status(job_id)
 
 
+@router.delete("/{job_id}", response_model=JobSummary)
+def delete_job(job_id: str, service: Service) -> JobSummary:
+    """Remove an ended job (finalized, aborted, failed), its state and its exported model, so its
+    task can be used again; a job that has not ended is 409 (abort it first). Answers what it was."""
+    return job_summary(service.jobs.delete(job_id))
+
+
 def _action_route(action: JobAction) -> None:
     def handler(job_id: str, service: Service) -> JobStatus:
         service.jobs.act(job_id, action)

@@ -6,13 +6,12 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
-from pum.common.errors import NotFound
-
 from .blobs import BlobStore
 from .config import ServerSettings
 from .job_files import JobFiles
 from .metrics import Metrics
 from .store import Job, Store
+from .store.base import no_job
 
 
 @dataclass
@@ -32,7 +31,7 @@ class ServerContext:
     def job(self, job_id: str) -> Job:
         job = self.store.job(job_id)
         if job is None:
-            raise NotFound(f"no job {job_id!r}: list jobs with GET /v1/jobs")
+            raise no_job(job_id)
         return job
 
     def files(self, job_id: str) -> JobFiles:
@@ -46,3 +45,8 @@ class ServerContext:
         """The job's lock: held by every change of its state and by every merge into its rounds."""
         with self._locks_guard:
             return self._locks.setdefault(job_id, threading.Lock())
+
+    def forget_lock(self, job_id: str) -> None:
+        """Drop a deleted job's lock (a request still holding it keeps its own reference)."""
+        with self._locks_guard:
+            self._locks.pop(job_id, None)

@@ -16,13 +16,14 @@ from pum.common.errors import Conflict, InsufficientStorage, InvalidInput, PumEr
 from pum.common.hub import resolve_local
 from pum.common.model_files import is_task_name
 from pum.common.settings import PumSettings
-from pum.common.states import ACTIONS, CopyState, JobAction, JobState, RoundState
+from pum.common.states import ACTIONS, END_STATES, CopyState, JobAction, JobState, RoundState
 
 from .context import ServerContext
 from .job_setup import create_job_files
 from .model_io import export_model
 from .rounds import model_sized_writes, prepare_round, round_noise, step
 from .store import Job, JobSpec
+from .store.base import not_ended, task_taken
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +48,20 @@ class Lifecycle:
                 "seed is refused on this server: a seeded job's α, noise seeds and transforms follow from the seed, "
                 "so a worker can regenerate the noise and strip it from its copy; remove seed (or start the server "
                 "with --dev, for tests only)")
+        owner = next((job.id for job in self.ctx.store.jobs() if job.task == task), None)
+        if owner is not None:  # before the model is read; insert_job checks again, atomically
+            raise task_taken(task, owner)
         source = resolve_local(model_dir, "model_dir")  # a folder, or a Hugging Face id in the local cache
         job_id = "job-" + secrets.token_hex(6)
         files = self.ctx.files(job_id)
         try:
             prepared = create_job_files(files, source, settings)
+            spec = JobSpec(model_dir=str(source), pum=settings.to_public_dict(), hyperparams=hyperparams,
+                           device=self.ctx.settings.device, **prepared)
+            job = self.ctx.store.insert_job(job_id, task, spec)
         except BaseException:
             files.delete_all()
             raise
-        spec = JobSpec(model_dir=str(source), pum=settings.to_public_dict(), hyperparams=hyperparams,
-                       device=self.ctx.settings.device, **prepared)
-        job = self.ctx.store.insert_job(job_id, task, spec)
         log.info("created job %s (task %s, m=%d, R=%d)", job_id, task, settings.copies_m, settings.rounds_R,
                  extra={"job": job_id, "state": str(job.state)})
         return job
@@ -73,6 +77,25 @@ class Lifecycle:
             self._actions[action](job)
         job = self.ctx.job(job_id)
         log.info("job %s: %s; it is %s", job_id, action, job.state, extra={"job": job_id, "state": str(job.state)})
+        return job
+
+    def delete(self, job_id: str) -> Job:
+        """Remove an ended job: its records, its state blobs and the model it exported, so its task
+        can be used again. Conflict for a job that has not ended (abort it first)."""
+        with self.ctx.lock(job_id):
+            job = self.ctx.job(job_id)
+            if job.state not in END_STATES:
+                raise not_ended(job)
+            # files first, the record last: a crash between leaves an ended job that a second
+            # DELETE removes, never blobs that no record points to
+            files = self.ctx.files(job_id)
+            exported = ["model.safetensors", *files.public_names()] if job.output_dir else []
+            for name in exported:  # only what the export wrote: a worker on this host may save beside it
+                self.ctx.saves.delete(f"{job.task}/{name}")
+            files.delete_all()
+            job = self.ctx.store.delete_job(job_id)
+        self.ctx.forget_lock(job_id)
+        log.info("deleted job %s (task %s, %s)", job_id, job.task, job.state, extra={"job": job_id})
         return job
 
     # ---- the actions (the job's lock is held) ------------------------------------------------

@@ -109,9 +109,12 @@ class Server:
         return TestClient(self.admin.app, headers={"Authorization": f"Bearer {token}"})
 
     def create_job(
-        self, model_dir: Path, pum: dict | None = None, task: str = "t1", start: bool = True,
+        self, model_dir: Path, pum: dict | None = None, task: str | None = None, start: bool = True,
         hyperparams: dict | None = None,
     ) -> str:
+        """A job (started unless `start` is False); its task is t1, t2, … in order of creation
+        unless given (a task belongs to one job)."""
+        task = task or f"t{len(self.service.store.jobs()) + 1}"
         body = {
             "task": task, "model_dir": str(model_dir), "pum": {"seed": 7, **(pum or {})},
             "hyperparams": hyperparams if hyperparams is not None else {"lr": 1e-3},

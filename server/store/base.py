@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
-from pum.common.errors import Conflict, LeaseExpired
+from pum.common.errors import Conflict, LeaseExpired, NotFound
 from pum.common.states import JobState
 
 from .records import Copy, Job, JobSpec, Lease, Round
@@ -26,12 +26,17 @@ class Store(Protocol):
 
     # ---- jobs ------------------------------------------------------------------------------
     def insert_job(self, job_id: str, task: str, spec: JobSpec) -> Job:
-        """A new job in state `created`, round 0."""
+        """A new job in state `created`, round 0; Conflict naming the owner when another job has
+        `task` (a task names the job's output folder, so one job owns it until it is deleted)."""
 
     def job(self, job_id: str) -> Job | None: ...
 
     def jobs(self) -> list[Job]:
         """All jobs, oldest first."""
+
+    def delete_job(self, job_id: str) -> Job:
+        """Remove an ended job and everything of it (tokens, rounds, copies, leases); returns what
+        it was. Conflict when the job is not in an end state, NotFound when there is none."""
 
     def set_job_state(self, job_id: str, target: JobState, *, error: str | None = None,
                       output_dir: str | None = None) -> Job:
@@ -97,11 +102,25 @@ class Store(Protocol):
         """The most distinct copies of one round the tokens of one party were leased (None: no lease yet)."""
 
 
+def no_job(job_id: str) -> NotFound:
+    return NotFound(f"no job {job_id!r}: list jobs with GET /v1/jobs")
+
+
 def transition_refused(job: Job | None, job_id: str, target: JobState) -> Conflict:
     """The error of a job-state write the table does not allow (shared by the implementations)."""
     if job is None:
         return Conflict(f"no job {job_id!r}")
     return Conflict(f"job {job_id} is {job.state}: it cannot become {target}")
+
+
+def task_taken(task: str, owner: str) -> Conflict:
+    return Conflict(f"task {task!r} belongs to job {owner}: choose another task, or delete that job "
+                    f"(DELETE /v1/jobs/{owner}, pum admin delete {owner}) once it has ended")
+
+
+def not_ended(job: Job) -> Conflict:
+    return Conflict(f"job {job.id} is {job.state}: only an ended job (finalized, aborted, failed) can be deleted; "
+                    "abort it first")
 
 
 def copy_not_held(lease: Lease) -> LeaseExpired:

@@ -15,7 +15,7 @@ from pum.common.states import (
     LeaseState, RoundState, allowed,
 )
 
-from .base import copy_not_held, transition_refused
+from .base import copy_not_held, no_job, not_ended, task_taken, transition_refused
 from .records import Copy, Job, JobSpec, Lease, Round
 
 
@@ -37,6 +37,9 @@ class MemoryStore:
         with self._lock:
             if job_id in self._jobs:
                 raise ValueError(f"job {job_id} exists")
+            owner = next((j.id for j in self._jobs.values() if j.task == task), None)
+            if owner is not None:
+                raise task_taken(task, owner)
             now = self.clock()
             self._jobs[job_id] = Job(job_id, task, JobState.CREATED, 0, spec, now, now, None, None)
             return self._jobs[job_id]
@@ -48,6 +51,23 @@ class MemoryStore:
     def jobs(self) -> list[Job]:
         with self._lock:
             return sorted(self._jobs.values(), key=lambda j: j.created_at)  # stable: insertion order on ties
+
+    def delete_job(self, job_id: str) -> Job:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise no_job(job_id)
+            if job.state not in END_STATES:
+                raise not_ended(job)
+            del self._jobs[job_id]
+            for table in (self._rounds, self._copies):
+                for key in [key for key in table if key[0] == job_id]:
+                    del table[key]
+            for token in [t for t, (owner, _) in self._tokens.items() if owner == job_id]:
+                del self._tokens[token]
+            for lease in [l.id for l in self._leases.values() if l.job_id == job_id]:
+                del self._leases[lease]
+            return job
 
     def set_job_state(self, job_id: str, target: JobState, *, error: str | None = None,
                       output_dir: str | None = None) -> Job:

@@ -31,7 +31,7 @@ from pum.common.states import (
     LeaseState, RoundState, sources,
 )
 
-from .base import copy_not_held, transition_refused
+from .base import copy_not_held, no_job, not_ended, task_taken, transition_refused
 from .records import Copy, Job, JobSpec, Lease, Round
 
 SCHEMA = """
@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS leases (
 );
 CREATE INDEX IF NOT EXISTS leases_by_state ON leases (state, expires_at);
 CREATE INDEX IF NOT EXISTS leases_by_job ON leases (job_id, round, token_hash);
+CREATE INDEX IF NOT EXISTS jobs_by_task ON jobs (task);
 """
 # Columns added after the first release, with their definitions: an older state.db gets them on open.
 ADDED_COLUMNS = {"tokens": {"party": "TEXT NOT NULL DEFAULT ''"}, "rounds": {"taus": "TEXT NOT NULL DEFAULT '{}'"}}
@@ -133,6 +134,9 @@ class SqliteStore:
     # ---- jobs ------------------------------------------------------------------------------
     def insert_job(self, job_id: str, task: str, spec: JobSpec) -> Job:
         with self._transaction() as db:
+            owner = db.execute("SELECT id FROM jobs WHERE task = ? LIMIT 1", (task,)).fetchone()
+            if owner is not None:
+                raise task_taken(task, owner["id"])
             now = self.clock()
             db.execute(
                 "INSERT INTO jobs VALUES (?, ?, ?, 0, ?, ?, ?, NULL, NULL)",
@@ -146,6 +150,18 @@ class SqliteStore:
 
     def jobs(self) -> list[Job]:
         return [_job(r) for r in self._rows("SELECT * FROM jobs ORDER BY created_at, rowid")]
+
+    def delete_job(self, job_id: str) -> Job:
+        with self._transaction() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise no_job(job_id)
+            job = _job(row)
+            if job.state not in END_STATES:
+                raise not_ended(job)
+            for table in ("leases", "copies", "rounds", "tokens", "jobs"):
+                db.execute(f"DELETE FROM {table} WHERE {'id' if table == 'jobs' else 'job_id'} = ?", (job_id,))
+            return job
 
     def set_job_state(self, job_id: str, target: JobState, *, error: str | None = None,
                       output_dir: str | None = None) -> Job:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pum.client.admin import AdminAPI, load_job_file
@@ -26,7 +28,7 @@ def test_job_file_settings_with_environment_override(tmp_path):
 @pytest.mark.parametrize("text, phrase", [
     ("task: t\nmodel_dir: /m\nmodel: x\n", "unknown top-level keys ['model']"),
     ("model_dir: /m\n", "'task' is required"),
-    ("task: t\nmodel_dir: /m\npum:\n  copies_m: 1\n", "copies_m must be ≥ 2"),
+    ("task: t\nmodel_dir: /m\npum:\n  copies_m: 1\n", "copies_m must be in [2, 64]"),
 ])
 def test_bad_job_files_are_refused_before_anything_is_sent(tmp_path, text, phrase):
     with pytest.raises((ValueError, InvalidInput), match=phrase.replace("[", r"\[").replace("]", r"\]")):
@@ -47,3 +49,18 @@ def test_admin_api_drives_a_job(server, tiny_model_dir, tmp_path):
     files = sorted(p.name for p in admin.download_model(job.id, tmp_path / "out").iterdir())
     assert "model.safetensors" in files and "config.json" in files
     assert admin.wait(job.id, timeout_s=1).state is JobState.FINALIZED
+    deleted = admin.delete_job(job.id)
+    assert (deleted.id, deleted.state) == (job.id, JobState.FINALIZED) and admin.jobs() == []
+
+
+def test_pum_admin_delete_removes_an_ended_job_and_refuses_a_running_one(server, tiny_model_dir, monkeypatch, capsys):
+    from pum.cli import main
+
+    monkeypatch.setattr("pum.client.cli.http_client", lambda *args, **kwargs: server.admin)
+    job = server.create_job(tiny_model_dir, {"copies_m": 2})
+    assert main(["admin", "delete", job]) == 2
+    assert f"job {job} is running" in capsys.readouterr().err
+    server.admin.post(f"/v1/jobs/{job}/abort")
+    assert main(["admin", "delete", job]) == 0
+    assert json.loads(capsys.readouterr().out)["id"] == job
+    assert server.admin.get(f"/v1/jobs/{job}").status_code == 404

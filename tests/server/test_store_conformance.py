@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pum.common.errors import Conflict, LeaseExpired
-from pum.common.states import JOB_TRANSITIONS, CopyState, JobState, LeaseState, RoundState
+from pum.common.errors import Conflict, LeaseExpired, NotFound
+from pum.common.states import END_STATES, JOB_TRANSITIONS, CopyState, JobState, LeaseState, RoundState
 from pum.server.store import JobSpec, MemoryStore, SqliteStore, Store
 
 TTL = 30.0
@@ -39,7 +39,7 @@ class StoreConformance:
         store.close()
 
     def running_job(self, store: Store, job_id: str = "job-1", m: int = 3) -> str:
-        store.insert_job(job_id, "task", SPEC)
+        store.insert_job(job_id, f"task-{job_id}", SPEC)
         store.open_round(job_id, 1, m, {"global": 0.5}, {"global": 0.0})
         store.set_job_state(job_id, JobState.RUNNING)
         return job_id
@@ -88,10 +88,49 @@ class StoreConformance:
             k: (CopyState.ACCEPTED, "lease-a") if k == done.k else (CopyState.PENDING, None) for k in range(3)}
         assert store.grant_lease("lease-c", job, 1, "h", TTL, None) is None
 
+    def test_a_task_belongs_to_one_job_until_it_is_deleted(self, store):
+        store.insert_job("job-1", "task", SPEC)
+        with pytest.raises(Conflict, match="task 'task' belongs to job job-1"):
+            store.insert_job("job-2", "task", SPEC)
+        assert [j.id for j in store.jobs()] == ["job-1"]
+        store.set_job_state("job-1", JobState.ABORTED)
+        store.delete_job("job-1")
+        assert store.insert_job("job-2", "task", SPEC).task == "task"
+
+    @pytest.mark.parametrize("state", sorted(PATH_TO))
+    def test_only_an_ended_job_can_be_deleted(self, store, state):
+        store.insert_job("job-1", "task", SPEC)
+        for step in PATH_TO[state]:
+            store.set_job_state("job-1", step)
+        before = store.job("job-1")
+        if state in END_STATES:
+            assert store.delete_job("job-1") == before and store.job("job-1") is None and store.jobs() == []
+        else:
+            with pytest.raises(Conflict, match=f"job job-1 is {state}: only an ended job"):
+                store.delete_job("job-1")
+            assert store.job("job-1") == before
+        with pytest.raises(NotFound):
+            store.delete_job("job-9")
+
+    def test_a_deleted_job_leaves_no_token_round_copy_or_lease(self, store):
+        job = self.running_job(store)
+        other = self.running_job(store, "job-2")
+        store.insert_token("hash-1", job, "gpu0")
+        store.insert_token("hash-2", other, "gpu0")
+        store.grant_lease("lease-a", job, 1, "hash-1", TTL, None)
+        store.grant_lease("lease-b", other, 1, "hash-2", TTL, None)
+        store.set_job_state(job, JobState.ABORTED)
+        store.delete_job(job)
+        assert store.token_job("hash-1") is None and store.token_parties(job) == {}
+        assert store.rounds(job) == [] and store.copies(job, 1) == [] and store.lease("lease-a") is None
+        assert store.leases(job) == []
+        assert store.token_job("hash-2") == other and store.lease("lease-b").state is LeaseState.ACTIVE  # untouched
+        assert len(store.copies(other, 1)) == 3
+
     # ---- tokens ------------------------------------------------------------------------------
     def test_tokens_resolve_to_their_job_and_count_by_party(self, store):
         store.insert_job("job-1", "task", SPEC)
-        store.insert_job("job-2", "task", SPEC)
+        store.insert_job("job-2", "other", SPEC)
         store.insert_token("hash-1", "job-1", "gpu0")
         store.insert_token("hash-2", "job-1", "gpu1", party="lab-a")
         store.insert_token("hash-3", "job-1", "gpu2", party="lab-a")
