@@ -54,10 +54,21 @@ _FIELD_OF_ENV = {env: field for field, env in ENV_NAMES.items()}
 DEFAULT_RDP_ORDERS = [1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, *map(float, range(6, 64)), 128.0, 256.0]
 DEFAULT_NOISE_KAPPA = 0.01  # the paper's "1%"
 _NOISE_SCALES = ("sigma", "sigma_per_layer", "noise_kappa", "dp_epsilon")
-_WHY = {"copies_m": "zero-sum noise needs at least two copies"}
+_WHY = {"copies_m": "zero-sum noise needs at least two copies; start draws m noises of the model's size"}
 
-Pos = Annotated[float, Field(gt=0)]
-NonNeg = Annotated[float, Field(ge=0)]
+# Bounds (README "Bounds of the settings"): each keeps the arithmetic finite in float32 and the work
+# proportionate. `start` draws m standard normals per parameter (z̄ of the zero-sum noise) under the
+# job's lock, so copies_m bounds how long an abort may wait behind it.
+MAX_COPIES = 64
+MAX_ROUNDS = 100
+MAX_ALPHA = 100.0  # α ≤ 100: the weights 1/α_k stay within 1e-2 of each other's scale
+MAX_NOISE = 100.0  # σ, τ, κ: 100 × a weight's scale already drowns the model; finite after α·σ·z in float32
+MAX_NORM = 1e6  # clip thresholds and sensitivities (L2 norms of a model's tensors or updates)
+MAX_GROUPS = 4096  # values given per layer group
+MAX_PATHS = 16  # reference model folders
+MAX_ORDER = 1e6  # Rényi orders
+Pos = Annotated[float, Field(gt=0, le=MAX_NORM)]
+NonNeg = Annotated[float, Field(ge=0, le=MAX_NOISE)]
 
 
 class PumSettings(BaseSettings):
@@ -68,32 +79,39 @@ class PumSettings(BaseSettings):
         alias_generator=AliasGenerator(validation_alias=lambda name: AliasChoices(name, ENV_NAMES[name])),
     )
 
-    copies_m: int = Field(4, ge=2, description="perturbed copies m published per round")
-    rounds_R: int = Field(2, ge=1, description="rounds R of perturb, unlearn, merge")
-    alpha_min: float = Field(1.0, ge=1, description="smallest secret noise multiplier α_k")
-    alpha_max: float = Field(2.0, description="largest secret noise multiplier α_k (≥ alpha_min)")
-    eta_srv: float = Field(1.0, gt=0, description="server step size η_srv on the merged update")
-    theta_ref_beta: float = Field(0.9, ge=0, le=1, description="EMA factor β of the clipping reference θ_ref")
+    copies_m: int = Field(4, ge=2, le=MAX_COPIES, description="perturbed copies m published per round; in [2, 64]")
+    rounds_R: int = Field(2, ge=1, le=MAX_ROUNDS, description="rounds R of perturb, unlearn, merge; in [1, 100]")
+    alpha_min: float = Field(1.0, ge=1, le=MAX_ALPHA, description="smallest secret noise multiplier α_k; in [1, 100]")
+    alpha_max: float = Field(2.0, ge=1, le=MAX_ALPHA,
+                             description="largest secret noise multiplier α_k (≥ alpha_min); in [1, 100]")
+    eta_srv: float = Field(1.0, gt=0, le=10, description="server step size η_srv on the merged update; in (0, 10]")
+    theta_ref_beta: float = Field(0.9, ge=0, le=1, description="EMA factor β of the clipping reference θ_ref; in [0, 1]")
     server_center_clipping: bool | None = Field(
         None, description="clip the published center around θ_ref; None = on when any C or sensitivity is given")
-    center_clip_C_per_layer: Pos | list[Pos] | None = Field(
-        None, description="center clipping threshold C_ℓ: one value for every layer, or one per layer")
-    center_clip_C_global: float | None = Field(None, gt=0, description="center clipping threshold, non-layer tensors")
-    jitter_tau: float = Field(0.0, ge=0, description="std τ of independent per-copy jitter ξ_k")
-    center_clip_quantile_q: float = Field(0.95, ge=0.90, le=0.99, description="quantile q of the public C_ℓ policy")
-    center_clip_quantile_kappa: float = Field(1.25, ge=1.1, le=1.5, description="factor κ_c of the public C_ℓ policy")
-    center_clip_round_gamma: float = Field(1.3, gt=0, description="C_ℓ ← γ·C_ℓ after each round")
-    center_clip_ref_model_paths: list[str] = Field(
-        default_factory=list, description="public reference model folders for the quantile policy")
+    center_clip_C_per_layer: Pos | Annotated[list[Pos], Field(max_length=MAX_GROUPS)] | None = Field(
+        None, description="center clipping threshold C_ℓ: one value for every layer, or one per layer "
+                          "(at most 4096); each in (0, 1000000]")
+    center_clip_C_global: float | None = Field(
+        None, gt=0, le=MAX_NORM, description="center clipping threshold, non-layer tensors; in (0, 1000000]")
+    jitter_tau: float = Field(0.0, ge=0, le=MAX_NOISE, description="std τ of independent per-copy jitter ξ_k; in [0, 100]")
+    center_clip_quantile_q: float = Field(0.95, ge=0.90, le=0.99, description="quantile q of the public C_ℓ policy; in [0.9, 0.99]")
+    center_clip_quantile_kappa: float = Field(1.25, ge=1.1, le=1.5, description="factor κ_c of the public C_ℓ policy; in [1.1, 1.5]")
+    center_clip_round_gamma: float = Field(1.3, gt=0, le=10, description="C_ℓ ← γ·C_ℓ after each round; in (0, 10]")
+    center_clip_ref_model_paths: list[Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=list, max_length=MAX_PATHS,
+        description="public reference model folders for the quantile policy (at most 16)")
     per_layer_noise: bool = Field(True, description="one σ per layer group (else one σ for the model)")
-    dp_epsilon: float | None = Field(None, gt=0, description="target ε: calibrate σ by DP accounting")
-    dp_delta: float = Field(1e-5, gt=0, lt=1, description="target δ of the DP guarantee")
-    dp_rdp_orders: list[Annotated[float, Field(gt=1)]] = Field(
-        default_factory=lambda: list(DEFAULT_RDP_ORDERS), min_length=1, description="Rényi orders λ searched")
+    dp_epsilon: float | None = Field(None, gt=0, le=1000, description="target ε: calibrate σ by DP accounting; in (0, 1000]")
+    dp_delta: float = Field(1e-5, ge=1e-30, lt=1, description="target δ of the DP guarantee; in [1e-30, 1)")
+    dp_rdp_orders: list[Annotated[float, Field(gt=1, le=MAX_ORDER)]] = Field(
+        default_factory=lambda: list(DEFAULT_RDP_ORDERS), min_length=1, max_length=256,
+        description="Rényi orders λ searched (1 to 256 of them); each in (1, 1000000]")
     dp_per_layer_allocation: Literal["auto", "equalized", "varmin"] = Field(
         "auto", description="split of the privacy budget across layers")
-    dp_sensitivity_per_layer_l2: list[Pos] | None = Field(None, description="L2 sensitivity per layer group")
-    dp_sensitivity_total_l2: float | None = Field(None, gt=0, description="total L2 sensitivity (single-σ mode)")
+    dp_sensitivity_per_layer_l2: list[Pos] | None = Field(
+        None, max_length=MAX_GROUPS, description="L2 sensitivity per layer group (at most 4096); each in (0, 1000000]")
+    dp_sensitivity_total_l2: float | None = Field(
+        None, gt=0, le=MAX_NORM, description="total L2 sensitivity (single-σ mode); in (0, 1000000]")
     dp_use_worstcase_alpha: bool = Field(True, description="account with S_α = m/α_min² (else the average)")
     dp_alpha_policy: Literal["worstcase", "expected", "realized"] | None = Field(
         None, description="S_α policy; None = from dp_use_worstcase_alpha (worstcase, else expected)")
@@ -102,30 +120,38 @@ class PumSettings(BaseSettings):
         None, description="what dp_epsilon bounds: true_release = the true ε of all copies of every round "
                           "(σ_ℓ kept, jitter τ_ℓ calibrated), seed_formula = the formula that treats copies as "
                           "independent; None = true_release for zero_sum noise, seed_formula for independent")
-    sigma: float | None = Field(None, ge=0, description="manual noise std σ for every tensor")
-    sigma_per_layer: list[NonNeg] | dict[str, NonNeg] | None = Field(
-        None, description="manual σ per layer group: a list, or a mapping of group name to σ")
+    sigma: float | None = Field(None, ge=0, le=MAX_NOISE, description="manual noise std σ for every tensor; in [0, 100]")
+    sigma_per_layer: (Annotated[list[NonNeg], Field(max_length=MAX_GROUPS)]
+                      | Annotated[dict[Annotated[str, Field(max_length=200)], NonNeg], Field(max_length=MAX_GROUPS)]
+                      | None) = Field(
+        None, description="manual σ per layer group: a list, or a mapping of group name to σ (at most 4096); "
+                          "each in [0, 100]")
     noise_kappa: float | None = Field(
-        None, ge=0, description=f"relative noise: σ_ℓ = κ·RMS(θ_ℓ − θ_base,ℓ), or κ·RMS(θ_ℓ) without a "
-                                f"base; {DEFAULT_NOISE_KAPPA} when no other noise scale is set")
+        None, ge=0, le=MAX_NOISE, description=f"relative noise: σ_ℓ = κ·RMS(θ_ℓ − θ_base,ℓ), or κ·RMS(θ_ℓ) without a "
+                                              f"base; {DEFAULT_NOISE_KAPPA} when no other noise scale is set; in [0, 100]")
     noise_structure: Literal["zero_sum", "independent"] = Field("zero_sum", description="how copies' noises relate")
-    base_model: str | None = Field(None, description="folder of the public base model θ_base")
-    inner_handler: str = Field("GradDiff", min_length=1, description="inner unlearning method run by workers")
-    local_epochs: float = Field(5, gt=0, description="baseline epoch budget of the inner method")
-    local_max_steps: int | None = Field(None, ge=1, description="steps per copy; None = baseline budget / R")
-    clip_update_norm: float | None = Field(None, gt=0, description="global L2 clip of each aligned update")
-    clip_update_norm_per_layer: float | None = Field(None, gt=0, description="per-layer L2 clip of each update")
+    base_model: str | None = Field(None, max_length=4096, description="folder of the public base model θ_base")
+    inner_handler: str = Field("GradDiff", min_length=1, max_length=100, description="inner unlearning method run by workers")
+    local_epochs: float = Field(5, gt=0, le=1000, description="baseline epoch budget of the inner method; in (0, 1000]")
+    local_max_steps: int | None = Field(
+        None, ge=1, le=1_000_000, description="steps per copy; None = baseline budget / R; in [1, 1000000]")
+    clip_update_norm: float | None = Field(
+        None, gt=0, le=MAX_NORM, description="global L2 clip of each aligned update; in (0, 1000000]")
+    clip_update_norm_per_layer: float | None = Field(
+        None, gt=0, le=MAX_NORM, description="per-layer L2 clip of each update; in (0, 1000000]")
     use_orthogonal_reparam: bool = Field(False, description="hide each copy behind secret orthogonal maps T_k")
     auto_advance: bool = Field(True, description="advance when all m copies are in; False = wait for an admin call")
     per_token_copy_cap: int | None = Field(
-        None, ge=1, description="most copies of one round one worker token may lease; it limits a token, not "
-                                "the data owner, who may hold many tokens (see token parties)")
+        None, ge=1, le=MAX_COPIES, description="most copies of one round one worker token may lease; it limits a "
+                                               "token, not the data owner, who may hold many tokens (see token "
+                                               "parties); in [1, 64]")
     prompt_format: Literal["auto", "chat", "plain"] = Field(
         "auto", description="how workers prompt: chat (the tokenizer's template, open-unlearning's TOFU prompt), "
                             "plain ('Question: …\\nAnswer:'), auto = chat when the tokenizer has a template")
     seed: int | None = Field(
-        None, ge=0, description="None = fresh secret randomness; an int makes α, seeds and transforms "
-                                "reproducible and predictable: refused unless the server runs with --dev")
+        None, ge=0, le=2**63 - 1, description="None = fresh secret randomness; an int makes α, seeds and transforms "
+                                              "reproducible and predictable: refused unless the server runs with "
+                                              "--dev; in [0, 9223372036854775807]")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
@@ -259,9 +285,9 @@ def _parse_env(field: str, env: str, raw: str) -> Any:
 
 
 def _union_members(annotation: Any) -> tuple[Any, ...]:
-    if get_origin(annotation) in (Union, types.UnionType):
-        return get_args(annotation)
-    return (annotation,)
+    """The members of a union (each without its Annotated bounds)."""
+    members = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    return tuple(get_args(m)[0] if get_origin(m) is Annotated else m for m in members)
 
 
 def _num(value: Any) -> str:

@@ -9,7 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class ServerSettings(BaseSettings):
-    # Each field reads PUM_SERVER_<FIELD> and nothing else, except admin_token: PUM_ADMIN_TOKEN, the one
+    # Every number has a lower and an upper bound (README "Bounds of the settings"). Each field reads PUM_SERVER_<FIELD> and nothing else, except admin_token: PUM_ADMIN_TOKEN, the one
     # variable the server and `pum admin` share. Keywords use the field names.
     model_config = SettingsConfigDict(env_prefix="PUM_SERVER_", extra="forbid", frozen=True)
 
@@ -25,19 +25,19 @@ class ServerSettings(BaseSettings):
     # Development mode: no admin token needed (never on a reachable interface).
     dev_mode: bool = False
     # A lease not renewed by a heartbeat within this many seconds puts its copy back in the pool.
-    lease_ttl_s: float = Field(120.0, gt=0)
+    lease_ttl_s: float = Field(120.0, gt=0, le=86400)
     # An upload that sends nothing for this long is cut off (408) and leaves no trace.
-    upload_idle_timeout_s: float = Field(60.0, gt=0)
+    upload_idle_timeout_s: float = Field(60.0, gt=0, le=3600)
     # Largest safetensors header accepted from a worker.
-    max_header_bytes: int = Field(16 * 2**20, ge=1024)
+    max_header_bytes: int = Field(16 * 2**20, ge=1024, le=2**30)
     # Copies generated at once: each costs a few times the largest tensor of memory, so this caps
     # the server's memory whatever m and the number of workers are; further downloads wait.
-    max_concurrent_copies: int = Field(2, ge=1)
+    max_concurrent_copies: int = Field(2, ge=1, le=64)
     # Threads that parse, check and merge uploads, at a lower CPU priority than lease and heartbeat
     # answers (merges of one job run one at a time whatever this is).
-    upload_threads: int = Field(2, ge=1)
+    upload_threads: int = Field(2, ge=1, le=64)
     # Threads torch may use for noise generation and merging.
-    torch_threads: int = Field(1, ge=1)
+    torch_threads: int = Field(1, ge=1, le=1024)
     # Where new jobs draw their copies' noise: "cpu", or "cuda" / "cuda:N" (the server's GPU). Fixed per
     # job at its creation: a job's copies are the same bytes only on the device type they were drawn on.
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")

@@ -19,7 +19,7 @@ def test_creation_refuses_bad_specs_with_a_message(server, tiny_model_dir, tmp_p
         ({"task": "../x", "model_dir": str(tiny_model_dir)}, "task"),
         ({"task": "t", "model_dir": str(tmp_path / "nope")}, "model_dir"),
         ({"task": "t", "model_dir": str(tmp_path)}, "config.json"),
-        ({"task": "t", "model_dir": str(tiny_model_dir), "pum": {"copies_m": 1}}, "copies_m must be ≥ 2"),
+        ({"task": "t", "model_dir": str(tiny_model_dir), "pum": {"copies_m": 1}}, "copies_m must be in [2, 64]"),
         ({"task": "t", "model_dir": str(tiny_model_dir), "pum": {"dp_epsilon": 4}}, "dp_epsilon needs center clipping"),
         ({"task": "t", "model_dir": str(tiny_model_dir), "pum": {"copies": 3}}, "copies_m"),
     ]
