@@ -15,7 +15,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_LEVEL_HELP = "log verbosity: DEBUG, INFO, WARNING or ERROR (default INFO); accepted before or after the subcommand"
 LOG_FORMAT_HELP = ("text, or json: one JSON object per line with job, round, copy, lease, worker, bytes, seconds "
                    "where they apply (or PUM_LOG_FORMAT; default text); accepted before or after the subcommand")
-EPILOG = "exit status: 0 done, 2 bad input or refused by the server, 3 server unreachable"
+EPILOG = ("exit status: 0 done, 2 bad input or refused by the server, 3 server unreachable, "
+          "4 the job waited for failed or was aborted (pum admin wait)")
 
 
 def version() -> str:

@@ -10,9 +10,10 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from pum.common.states import ACTIONS, JobAction
+from pum.common.states import ACTIONS, JobAction, JobState
 
 JOB_ID_HELP = "the job's id (`pum admin jobs` lists them)"
+JOB_DID_NOT_FINISH = 4  # `pum admin wait`'s exit status for a job that ended failed or aborted
 
 
 def http_client(server: str, token: str | None, ca_file: str | None = None, timeout: float = 600.0):
@@ -98,7 +99,8 @@ def add_parsers(subparsers) -> None:
     token = commands.add_parser("token", help="issue a worker token for a job")
     token.add_argument("job_id", help=JOB_ID_HELP)
     token.add_argument("--label", default="worker", help="a name for the worker that gets the token (default worker)")
-    wait = commands.add_parser("wait", help="wait until a job is finalized, aborted or failed, showing its progress")
+    wait = commands.add_parser("wait", help="wait until a job is finalized, aborted or failed, showing its progress "
+                                            "(exit status 4, with the reason, when it failed or was aborted)")
     wait.add_argument("job_id", help=JOB_ID_HELP)
     wait.add_argument("--timeout", type=float, help="give up after this many seconds (default: wait as long as the job runs)")
     wait.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
@@ -238,6 +240,10 @@ def run_admin(args: argparse.Namespace) -> int:
             result = {"saved": str(api.download_model(args.job_id, Path(args.dest), bars=bars))}
     json.dump(result.model_dump(mode="json") if hasattr(result, "model_dump") else result, sys.stdout, indent=2)
     print()
+    if args.command == "wait" and result.state is not JobState.FINALIZED:
+        print(f"pum admin: job {result.id} {result.state}" + (f": {result.error}" if result.error else ""),
+              file=sys.stderr)
+        return JOB_DID_NOT_FINISH
     return 0
 
 

@@ -119,10 +119,21 @@ class JobSummary(BaseModel):
     created_at: float
 
 
+class CopyFailure(BaseModel):
+    """The copy that failed a job: given back by its workers max_copy_failures times."""
+
+    round: int
+    k: int = Field(description="the copy's index in its round")
+    failures: int = Field(description="how many times its workers gave it back")
+    reasons: list[str] = Field(description="each worker's reason, oldest first (secrets redacted, at most 300 "
+                                           "characters each)")
+
+
 class JobStatus(JobSummary):
     rounds_R: int
     copies_m: int
     error: str | None
+    failure: CopyFailure | None = Field(None, description="a failed job's failing copy and its workers' reasons")
     output_dir: str | None = Field(description="where the merged model was saved, once finalized")
     updated_at: float
     settings: dict[str, Any] = Field(description="the job's PUM settings, every field by name")

@@ -47,7 +47,8 @@ ENV_NAMES: dict[str, str] = {
     "inner_handler": "PUM_INNER_HANDLER", "local_epochs": "PUM_LOCAL_EPOCHS", "local_max_steps": "PUM_LOCAL_MAX_STEPS",
     "clip_update_norm": "PUM_CLIP_UPDATE_NORM", "clip_update_norm_per_layer": "PUM_CLIP_UPDATE_PER_LAYER",
     "use_orthogonal_reparam": "PUM_USE_REPARAM", "auto_advance": "PUM_AUTO_ADVANCE",
-    "per_token_copy_cap": "PUM_PER_TOKEN_COPY_CAP", "seed": "PUM_SEED", "prompt_format": "PUM_PROMPT_FORMAT",
+    "per_token_copy_cap": "PUM_PER_TOKEN_COPY_CAP", "max_copy_failures": "PUM_MAX_COPY_FAILURES",
+    "seed": "PUM_SEED", "prompt_format": "PUM_PROMPT_FORMAT",
 }
 _FIELD_OF_ENV = {env: field for field, env in ENV_NAMES.items()}
 # Order grid of DESIGN.md §5: 1.25 … 5 in steps, every integer 6..63, then 128 and 256.
@@ -145,6 +146,9 @@ class PumSettings(BaseSettings):
         None, ge=1, le=MAX_COPIES, description="most copies of one round one worker token may lease; it limits a "
                                                "token, not the data owner, who may hold many tokens (see token "
                                                "parties); in [1, 64]")
+    max_copy_failures: int = Field(
+        3, ge=1, le=100, description="times one copy may be given back by its workers (a worker gives a copy back "
+                                     "when it fails on it) before the job ends `failed` with their reasons; in [1, 100]")
     prompt_format: Literal["auto", "chat", "plain"] = Field(
         "auto", description="how workers prompt: chat (the tokenizer's template, open-unlearning's TOFU prompt), "
                             "plain ('Question: …\\nAnswer:'), auto = chat when the tokenizer has a template")

@@ -8,6 +8,7 @@ against `JOB_TRANSITIONS`, in the transaction that writes it.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
 
@@ -16,16 +17,27 @@ from pum.common.errors import Conflict, InsufficientStorage, InvalidInput, PumEr
 from pum.common.hub import resolve_local
 from pum.common.model_files import is_task_name
 from pum.common.settings import PumSettings
-from pum.common.states import ACTIONS, END_STATES, CopyState, JobAction, JobState, RoundState
+from pum.common.states import ACTIONS, END_STATES, TAKES_UPLOADS, CopyState, JobAction, JobState, LeaseState, RoundState
 
 from .context import ServerContext
 from .job_setup import create_job_files
 from .model_io import export_model
 from .rounds import model_sized_writes, prepare_round, round_noise, step
-from .store import Job, JobSpec
+from .store import Job, JobSpec, Lease, Store
 from .store.base import not_ended, task_taken
 
 log = logging.getLogger(__name__)
+REASON_CHARS = 300  # of each worker's reason kept and shown
+# what a worker's message could carry that is nobody else's business: bearer tokens, PUM worker tokens
+_SECRET = re.compile(r"(?i)(bearer\s+\S+|pumw_[A-Za-z0-9_\-]+|authorization:\s*\S+)")
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e\u00a0-\uffff]+")
+
+
+def sanitize_reason(text: str) -> str:
+    """A worker's reason as the admin may read it: tokens redacted, control characters (newlines
+    included: one log line per reason) replaced by a space, at most REASON_CHARS characters."""
+    text = _UNPRINTABLE.sub(" ", _SECRET.sub("[redacted]", text)).strip()
+    return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 1] + "…"
 
 
 class Lifecycle:
@@ -97,6 +109,21 @@ class Lifecycle:
         self.ctx.forget_lock(job_id)
         log.info("deleted job %s (task %s, %s)", job_id, job.task, job.state, extra={"job": job_id})
         return job
+
+    def copy_given_back(self, lease: Lease) -> None:
+        """After a worker gave `lease` back: the job fails once its copy was given back
+        max_copy_failures times, with those workers' reasons (GET /v1/jobs/{id} shows them)."""
+        with self.ctx.lock(lease.job_id):
+            job = self.ctx.job(lease.job_id)
+            limit = job.spec.settings.max_copy_failures
+            copy = next((c for c in self.ctx.store.copies(job.id, lease.round) if c.k == lease.k), None)
+            if job.state not in TAKES_UPLOADS or copy is None or copy.failures < limit:
+                return
+            reasons = failure_reasons(self.ctx.store, job.id, lease.round, lease.k)
+            error = (f"copy {lease.k} of round {lease.round} was given back {copy.failures} times "
+                     f"(max_copy_failures={limit}); last reason: {reasons[-1] if reasons else 'none given'}")
+            self.ctx.store.set_job_state(job.id, JobState.FAILED, error=error)
+        log.error("job %s failed: %s", job.id, error)
 
     # ---- the actions (the job's lock is held) ------------------------------------------------
     def _set(self, target: JobState):
@@ -207,3 +234,9 @@ class Lifecycle:
             if name.startswith("theta_r"):
                 files.delete(name)
         files.delete_folder("rounds")
+
+
+def failure_reasons(store: Store, job_id: str, round_: int, k: int) -> list[str]:
+    """The reasons of the failed leases of one copy, oldest first (already sanitised)."""
+    return [lease.reason for lease in store.leases(job_id)
+            if (lease.round, lease.k, lease.state) == (round_, k, LeaseState.FAILED)]

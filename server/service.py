@@ -50,7 +50,7 @@ class JobService:
         self.context.metrics.attach(StoreCollector(store, self._epsilon))
         self._epsilons: dict[str, tuple] = {}  # job → (report inputs, ε): /metrics reads it at each scrape
         self.jobs = Lifecycle(self.context)
-        self.work = WorkProtocol(self.context)
+        self.work = WorkProtocol(self.context, on_given_back=self.jobs.copy_given_back)
         self.uploads = Uploads(self.context, self.work, self.jobs)
         dropped = self.context.blobs.drop_partial_writes()
         if dropped:

@@ -6,10 +6,11 @@ from typing import Iterator
 
 from pum.common.codec import total_size
 from pum.common.errors import Conflict, NotFound, PumError
-from pum.common.schemas import CopyInfo, JobStatus, JobSummary, ModelFiles, PrivacyReport, Progress, RoundInfo
+from pum.common.schemas import CopyFailure, CopyInfo, JobStatus, JobSummary, ModelFiles, PrivacyReport, Progress, RoundInfo
 from pum.common.states import END_STATES, CopyState, JobState, LeaseState, RoundState
 
 from .context import ServerContext
+from .lifecycle import failure_reasons
 from .privacy import privacy_of
 from .rounds import published_layout
 from .store import Copy, Job, Lease
@@ -40,7 +41,7 @@ def job_status(ctx: ServerContext, job_id: str) -> JobStatus:
     return JobStatus(
         **job_summary(job).model_dump(), rounds_R=settings.rounds_R, copies_m=settings.copies_m, error=job.error,
         output_dir=job.output_dir, updated_at=job.updated_at, settings=job.spec.pum, hyperparams=job.spec.hyperparams,
-        rounds=rounds, progress=progress(ctx, job, rounds, now),
+        rounds=rounds, progress=progress(ctx, job, rounds, now), failure=copy_failure(ctx, job),
     )
 
 
@@ -79,6 +80,18 @@ def progress(ctx: ServerContext, job: Job, rounds: list[RoundInfo], now: float) 
             pass
     return Progress(copies_accepted=accepted, copies_total=total, seconds=max(elapsed, 0.0),
                     copies_per_hour=rate * 3600 if rate else None, eta_s=eta, copy_bytes=copy_bytes)
+
+
+def copy_failure(ctx: ServerContext, job: Job) -> CopyFailure | None:
+    """The copy of a failed job's round that was given back max_copy_failures times, if one was."""
+    if job.state is not JobState.FAILED or not job.round:
+        return None
+    limit = job.spec.settings.max_copy_failures
+    copy = next((c for c in ctx.store.copies(job.id, job.round) if c.failures >= limit), None)
+    if copy is None:
+        return None
+    return CopyFailure(round=job.round, k=copy.k, failures=copy.failures,
+                       reasons=failure_reasons(ctx.store, job.id, job.round, copy.k))
 
 
 def privacy(ctx: ServerContext, job_id: str) -> PrivacyReport:

@@ -11,7 +11,7 @@ import logging
 import secrets
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 from pum.common.codec import total_size
 from pum.common.errors import Conflict, Forbidden, LeaseExpired, NotFound, RangeNotSatisfiable
@@ -19,6 +19,7 @@ from pum.common.schemas import Heartbeat, LeaseDone, LeaseGranted, LeaseWait, Re
 from pum.common.states import END_STATES, TAKES_UPLOADS, JobState, LeaseState
 
 from .context import ServerContext
+from .lifecycle import sanitize_reason
 from .rounds import copy_chunks, published_layout, round_noise
 from .store import Lease
 from .tokens import worker_job
@@ -29,8 +30,10 @@ WAIT_BUSY_S = 1.0  # … of a running job whose copies are all out
 
 
 class WorkProtocol:
-    def __init__(self, ctx: ServerContext):
+    def __init__(self, ctx: ServerContext, on_given_back: Callable[[Lease], None] = lambda lease: None):
+        """`on_given_back(lease)` runs after a worker gave a copy back (the lifecycle counts failures)."""
         self.ctx = ctx
+        self._on_given_back = on_given_back
         self._copy_slots = threading.BoundedSemaphore(ctx.settings.max_concurrent_copies)
 
     def lease(self, token: str) -> LeaseGranted | LeaseWait | LeaseDone:
@@ -68,10 +71,13 @@ class WorkProtocol:
     def release(self, token: str, lease_id: str, reason: str) -> Released:
         """A worker gives its copy back (failure or shutdown); the copy is offered again."""
         lease = self.live_lease(token, lease_id)
-        log.warning("job %s: %s given back by its worker: %s", lease.job_id, lease.id, reason[:200],
-                    extra=self.fields(lease, reason=reason[:200]))
-        self.ctx.store.release_lease(lease.id, failed=True)
+        reason = sanitize_reason(reason)
+        log.warning("job %s: %s given back by its worker: %s", lease.job_id, lease.id, reason,
+                    extra=self.fields(lease, reason=reason))
+        ended = self.ctx.store.release_lease(lease.id, failed=True, reason=reason)
         self.ctx.metrics.failed("given_back")
+        if ended is not None:
+            self._on_given_back(ended)
         return Released()
 
     def public_file(self, token: str, name: str) -> tuple[int, Iterator[bytes]]:

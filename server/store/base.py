@@ -90,9 +90,9 @@ class Store(Protocol):
     def extend_lease(self, lease_id: str, ttl_s: float) -> bool:
         """Expiry ← now + ttl_s for an active lease; False (nothing changed) when it is not active."""
 
-    def release_lease(self, lease_id: str, failed: bool) -> Lease | None:
-        """End an active lease early (`failed` or `released`) and put its copy back; None when
-        it was not active."""
+    def release_lease(self, lease_id: str, failed: bool, reason: str = "") -> Lease | None:
+        """End an active lease early (`failed` or `released`, keeping the worker's `reason`) and put
+        its copy back (a failure counts in the copy's `failures`); None when it was not active."""
 
     def accept_copy(self, lease: Lease, s0: float, s1_file: str) -> None:
         """Commit one merged copy: the copy (accepted), its lease (done), S0 and the S1 blob name

@@ -192,12 +192,13 @@ class MemoryStore:
             self._leases[lease_id] = replace(lease, expires_at=self.clock() + ttl_s)
             return True
 
-    def release_lease(self, lease_id: str, failed: bool) -> Lease | None:
+    def release_lease(self, lease_id: str, failed: bool, reason: str = "") -> Lease | None:
         with self._lock:
             lease = self._leases.get(lease_id)
             target = LeaseState.FAILED if failed else LeaseState.RELEASED
             if lease is None or not self._end_lease(lease, target, failed):
                 return None
+            self._leases[lease_id] = replace(self._leases[lease_id], reason=reason)
             return self._leases[lease_id]
 
     def accept_copy(self, lease: Lease, s0: float, s1_file: str) -> None:

@@ -87,3 +87,4 @@ class Lease:
     state: LeaseState
     created_at: float
     expires_at: float
+    reason: str = ""  # why its worker gave it back (sanitised), "" otherwise

@@ -63,7 +63,8 @@ CREATE INDEX IF NOT EXISTS leases_by_job ON leases (job_id, round, token_hash);
 CREATE INDEX IF NOT EXISTS jobs_by_task ON jobs (task);
 """
 # Columns added after the first release, with their definitions: an older state.db gets them on open.
-ADDED_COLUMNS = {"tokens": {"party": "TEXT NOT NULL DEFAULT ''"}, "rounds": {"taus": "TEXT NOT NULL DEFAULT '{}'"}}
+ADDED_COLUMNS = {"tokens": {"party": "TEXT NOT NULL DEFAULT ''"}, "rounds": {"taus": "TEXT NOT NULL DEFAULT '{}'"},
+                 "leases": {"reason": "TEXT NOT NULL DEFAULT ''"}}
 
 
 def _states(table: dict, target) -> str:
@@ -268,7 +269,8 @@ class SqliteStore:
                 (CopyState.LEASED.value, lease_id, now, job_id, round_, k),
             )
             lease = Lease(lease_id, job_id, round_, k, token_hash, LeaseState.ACTIVE, now, now + ttl_s)
-            db.execute("INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            db.execute("INSERT INTO leases (id, job_id, round, k, token_hash, state, created_at, expires_at) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (lease.id, job_id, round_, lease.k, token_hash, lease.state.value, now, lease.expires_at))
         return lease
 
@@ -308,12 +310,13 @@ class SqliteStore:
             ).rowcount
         return changed == 1
 
-    def release_lease(self, lease_id: str, failed: bool) -> Lease | None:
+    def release_lease(self, lease_id: str, failed: bool, reason: str = "") -> Lease | None:
         with self._transaction(durable=False) as db:
             row = db.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
             target = LeaseState.FAILED if failed else LeaseState.RELEASED
             if row is None or not self._end_lease(db, _lease(row), target, failed):
                 return None
+            db.execute("UPDATE leases SET reason = ? WHERE id = ?", (reason, lease_id))
             return _lease(db.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone())
 
     def accept_copy(self, lease: Lease, s0: float, s1_file: str) -> None:

@@ -53,6 +53,7 @@ TABLE = [
     ("use_orthogonal_reparam", "PUM_USE_REPARAM", "yes", True),
     ("auto_advance", "PUM_AUTO_ADVANCE", "false", False),
     ("per_token_copy_cap", "PUM_PER_TOKEN_COPY_CAP", "1", 1),
+    ("max_copy_failures", "PUM_MAX_COPY_FAILURES", "5", 5),
     ("seed", "PUM_SEED", "1234", 1234),
     ("prompt_format", "PUM_PROMPT_FORMAT", "chat", "chat"),
 ]

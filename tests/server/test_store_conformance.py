@@ -247,8 +247,10 @@ class StoreConformance:
     def test_a_released_lease_gives_its_copy_back_once(self, store, failed, state):
         job = self.running_job(store)
         lease = store.grant_lease("lease-a", job, 1, "h", TTL, None)
-        assert store.release_lease(lease.id, failed=failed).state is state
-        assert store.release_lease(lease.id, failed=failed) is None
+        released = store.release_lease(lease.id, failed=failed, reason="out of memory")
+        assert (released.state, released.reason) == (state, "out of memory")
+        assert store.release_lease(lease.id, failed=failed, reason="again") is None
+        assert store.lease(lease.id).reason == "out of memory" and store.leases(job)[0].reason == "out of memory"
         copy = store.copies(job, 1)[lease.k]
         assert (copy.state, copy.lease_id, copy.failures, copy.leases) == (CopyState.PENDING, None, int(failed), 1)
 
