@@ -9,7 +9,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from .privacy.report import CoalitionGuarantee, Guarantee, SeedFormula
 from .states import CopyState, JobState, RoundState
@@ -53,11 +53,31 @@ class Health(BaseModel):
 
 
 # ---- admin ------------------------------------------------------------------------------------
+MAX_SPEC_DEPTH = 4  # settings and hyperparameters are flat (a list or mapping per layer group at most)
+MAX_SPEC_VALUES = 10_000  # every value, key and list item counted
+
+
 class JobCreate(BaseModel):
-    task: str = Field(description="task name; the merged model goes to saves/unlearn/<task>/")
-    model_dir: str = Field(description="Hugging Face model folder on the server (safetensors)")
+    task: str = Field(max_length=1000, description="task name; the merged model goes to saves/unlearn/<task>/")
+    model_dir: str = Field(max_length=4096, description="Hugging Face model folder on the server (safetensors)")
     pum: dict[str, Any] = Field(default_factory=dict, description="PUM settings (DESIGN.md §8 names)")
     hyperparams: dict[str, Any] = Field(default_factory=dict, description="inner method hyperparameters for the workers")
+
+    @field_validator("pum", "hyperparams")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any], info) -> dict[str, Any]:
+        """At most MAX_SPEC_DEPTH levels and MAX_SPEC_VALUES values (walked without recursion)."""
+        pending, seen = [(value, 1)], 0
+        while pending:
+            node, depth = pending.pop()
+            if depth > MAX_SPEC_DEPTH:
+                raise ValueError(f"{info.field_name} is nested deeper than {MAX_SPEC_DEPTH} levels")
+            children = list(node.values()) if isinstance(node, dict) else node if isinstance(node, list) else []
+            seen += len(children)
+            if seen > MAX_SPEC_VALUES:
+                raise ValueError(f"{info.field_name} holds more than {MAX_SPEC_VALUES} values")
+            pending += [(child, depth + 1) for child in children if isinstance(child, (dict, list))]
+        return value
 
 
 class TokenCreate(BaseModel):

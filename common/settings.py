@@ -48,6 +48,7 @@ ENV_NAMES: dict[str, str] = {
     "clip_update_norm": "PUM_CLIP_UPDATE_NORM", "clip_update_norm_per_layer": "PUM_CLIP_UPDATE_PER_LAYER",
     "use_orthogonal_reparam": "PUM_USE_REPARAM", "auto_advance": "PUM_AUTO_ADVANCE",
     "per_token_copy_cap": "PUM_PER_TOKEN_COPY_CAP", "max_copy_failures": "PUM_MAX_COPY_FAILURES",
+    "retain": "PUM_RETAIN",
     "seed": "PUM_SEED", "prompt_format": "PUM_PROMPT_FORMAT",
 }
 _FIELD_OF_ENV = {env: field for field, env in ENV_NAMES.items()}
@@ -146,6 +147,9 @@ class PumSettings(BaseSettings):
         None, ge=1, le=MAX_COPIES, description="most copies of one round one worker token may lease; it limits a "
                                                "token, not the data owner, who may hold many tokens (see token "
                                                "parties); in [1, 64]")
+    retain: bool = Field(
+        True, description="the data owner has a retain set; with false, a method whose retain weight α ≠ 0 "
+                          "is refused at job creation (it would fail on every worker)")
     max_copy_failures: int = Field(
         3, ge=1, le=100, description="times one copy may be given back by its workers (a worker gives a copy back "
                                      "when it fails on it) before the job ends `failed` with their reasons; in [1, 100]")

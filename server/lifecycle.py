@@ -15,6 +15,7 @@ import time
 from pum.common.aliases import canonical_job
 from pum.common.errors import Conflict, InsufficientStorage, InvalidInput, PumError
 from pum.common.hub import resolve_local
+from pum.common.methods_catalog import check_task
 from pum.common.model_files import is_task_name
 from pum.common.settings import PumSettings
 from pum.common.states import ACTIONS, END_STATES, TAKES_UPLOADS, CopyState, JobAction, JobState, LeaseState, RoundState
@@ -55,6 +56,7 @@ class Lifecycle:
             raise InvalidInput(f"task {task!r} must be 1–100 letters, digits, '.', '_' or '-' (it names a folder)")
         pum, hyperparams = canonical_job(pum, hyperparams)  # open-unlearning's names → PUM's
         settings = PumSettings.from_spec(pum)
+        check_task(settings.inner_handler, hyperparams, settings.retain)  # what every worker would refuse
         if settings.seed is not None and not self.ctx.settings.dev_mode:
             raise InvalidInput(
                 "seed is refused on this server: a seeded job's α, noise seeds and transforms follow from the seed, "

@@ -54,6 +54,7 @@ TABLE = [
     ("auto_advance", "PUM_AUTO_ADVANCE", "false", False),
     ("per_token_copy_cap", "PUM_PER_TOKEN_COPY_CAP", "1", 1),
     ("max_copy_failures", "PUM_MAX_COPY_FAILURES", "5", 5),
+    ("retain", "PUM_RETAIN", "false", False),
     ("seed", "PUM_SEED", "1234", 1234),
     ("prompt_format", "PUM_PROMPT_FORMAT", "chat", "chat"),
 ]
