@@ -36,7 +36,8 @@ class Param:
         if value is None and self.optional:
             return None
         if (isinstance(value, bool) and self.kind != "bool") or not isinstance(value, KINDS[self.kind]):
-            return f"{self.name} must be {KIND_TEXT[self.kind]}{' or null' if self.optional else ''} (got {_short(value)})"
+            allowed = KIND_TEXT[self.kind] + (" or null" if self.optional else "")
+            return f"{self.name} must be {allowed} (got {_short(value)})"
         if self.choices and value not in self.choices:
             return f"{self.name} must be one of {', '.join(self.choices)} (got {_short(value)})"
         return None
@@ -72,8 +73,9 @@ METHODS: dict[str, MethodEntry] = {entry.name: entry for entry in (
     MethodEntry("NPO", _weighted(Param("beta", "float", 0.1))),
     MethodEntry("CE-U", _weighted(alpha=0.0), aliases=("CEU",)),
     MethodEntry("DPO", _weighted(Param("beta", "float", 0.1)), aliases=("IdkDPO",)),
-    MethodEntry("RMU", (Param("steering_coeff", "float", 2.0), Param("gamma", "float", 1.0), Param("alpha", "float", 1.0),
-                        Param("layer", "int", None, optional=True), Param("u_seed", "int", 0))),
+    MethodEntry("RMU", (Param("steering_coeff", "float", 2.0), Param("gamma", "float", 1.0),
+                        Param("alpha", "float", 1.0), Param("layer", "int", None, optional=True),
+                        Param("u_seed", "int", 0))),
     MethodEntry("SatImp", _weighted(Param("beta1", "float", 5.0), Param("beta2", "float", 1.0), gamma=0.1)),
     MethodEntry("SimNPO", _weighted(Param("beta", "float", 4.5), Param("delta", "float", 0.0), gamma=0.125)),
     MethodEntry("UNDIAL", _weighted(Param("beta", "float", 10.0), alpha=0.0)),

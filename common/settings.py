@@ -87,7 +87,8 @@ class PumSettings(BaseSettings):
     alpha_max: float = Field(2.0, ge=1, le=MAX_ALPHA,
                              description="largest secret noise multiplier α_k (≥ alpha_min); in [1, 100]")
     eta_srv: float = Field(1.0, gt=0, le=10, description="server step size η_srv on the merged update; in (0, 10]")
-    theta_ref_beta: float = Field(0.9, ge=0, le=1, description="EMA factor β of the clipping reference θ_ref; in [0, 1]")
+    theta_ref_beta: float = Field(
+        0.9, ge=0, le=1, description="EMA factor β of the clipping reference θ_ref; in [0, 1]")
     server_center_clipping: bool | None = Field(
         None, description="clip the published center around θ_ref; None = on when any C or sensitivity is given")
     center_clip_C_per_layer: Pos | Annotated[list[Pos], Field(max_length=MAX_GROUPS)] | None = Field(
@@ -95,15 +96,20 @@ class PumSettings(BaseSettings):
                           "(at most 4096); each in (0, 1000000]")
     center_clip_C_global: float | None = Field(
         None, gt=0, le=MAX_NORM, description="center clipping threshold, non-layer tensors; in (0, 1000000]")
-    jitter_tau: float = Field(0.0, ge=0, le=MAX_NOISE, description="std τ of independent per-copy jitter ξ_k; in [0, 100]")
-    center_clip_quantile_q: float = Field(0.95, ge=0.90, le=0.99, description="quantile q of the public C_ℓ policy; in [0.9, 0.99]")
-    center_clip_quantile_kappa: float = Field(1.25, ge=1.1, le=1.5, description="factor κ_c of the public C_ℓ policy; in [1.1, 1.5]")
-    center_clip_round_gamma: float = Field(1.3, gt=0, le=10, description="C_ℓ ← γ·C_ℓ after each round; in (0, 10]")
+    jitter_tau: float = Field(
+        0.0, ge=0, le=MAX_NOISE, description="std τ of independent per-copy jitter ξ_k; in [0, 100]")
+    center_clip_quantile_q: float = Field(
+        0.95, ge=0.90, le=0.99, description="quantile q of the public C_ℓ policy; in [0.9, 0.99]")
+    center_clip_quantile_kappa: float = Field(
+        1.25, ge=1.1, le=1.5, description="factor κ_c of the public C_ℓ policy; in [1.1, 1.5]")
+    center_clip_round_gamma: float = Field(
+        1.3, gt=0, le=10, description="C_ℓ ← γ·C_ℓ after each round; in (0, 10]")
     center_clip_ref_model_paths: list[Annotated[str, Field(max_length=4096)]] = Field(
         default_factory=list, max_length=MAX_PATHS,
         description="public reference model folders for the quantile policy (at most 16)")
     per_layer_noise: bool = Field(True, description="one σ per layer group (else one σ for the model)")
-    dp_epsilon: float | None = Field(None, gt=0, le=1000, description="target ε: calibrate σ by DP accounting; in (0, 1000]")
+    dp_epsilon: float | None = Field(
+        None, gt=0, le=1000, description="target ε: calibrate σ by DP accounting; in (0, 1000]")
     dp_delta: float = Field(1e-5, ge=1e-30, lt=1, description="target δ of the DP guarantee; in [1e-30, 1)")
     dp_rdp_orders: list[Annotated[float, Field(gt=1, le=MAX_ORDER)]] = Field(
         default_factory=lambda: list(DEFAULT_RDP_ORDERS), min_length=1, max_length=256,
@@ -122,18 +128,22 @@ class PumSettings(BaseSettings):
         None, description="what dp_epsilon bounds: true_release = the true ε of all copies of every round "
                           "(σ_ℓ kept, jitter τ_ℓ calibrated), seed_formula = the formula that treats copies as "
                           "independent; None = true_release for zero_sum noise, seed_formula for independent")
-    sigma: float | None = Field(None, ge=0, le=MAX_NOISE, description="manual noise std σ for every tensor; in [0, 100]")
+    sigma: float | None = Field(
+        None, ge=0, le=MAX_NOISE, description="manual noise std σ for every tensor; in [0, 100]")
     sigma_per_layer: (Annotated[list[NonNeg], Field(max_length=MAX_GROUPS)]
                       | Annotated[dict[Annotated[str, Field(max_length=200)], NonNeg], Field(max_length=MAX_GROUPS)]
                       | None) = Field(
         None, description="manual σ per layer group: a list, or a mapping of group name to σ (at most 4096); "
                           "each in [0, 100]")
     noise_kappa: float | None = Field(
-        None, ge=0, le=MAX_NOISE, description=f"relative noise: σ_ℓ = κ·RMS(θ_ℓ − θ_base,ℓ), or κ·RMS(θ_ℓ) without a "
-                                              f"base; {DEFAULT_NOISE_KAPPA} when no other noise scale is set; in [0, 100]")
+        None, ge=0, le=MAX_NOISE,
+        description=f"relative noise: σ_ℓ = κ·RMS(θ_ℓ − θ_base,ℓ), or κ·RMS(θ_ℓ) without a base; "
+                    f"{DEFAULT_NOISE_KAPPA} when no other noise scale is set; in [0, 100]")
     noise_structure: Literal["zero_sum", "independent"] = Field("zero_sum", description="how copies' noises relate")
     base_model: str | None = Field(None, max_length=4096, description="folder of the public base model θ_base")
-    inner_handler: str = Field("GradDiff", min_length=1, max_length=100, description="inner unlearning method run by workers")
+    inner_handler: str = Field(
+        "GradDiff", min_length=1, max_length=100,
+        description="inner unlearning method run by workers (a name of pum.common.methods_catalog)")
     local_epochs: float = Field(5, gt=0, le=1000, description="baseline epoch budget of the inner method; in (0, 1000]")
     local_max_steps: int | None = Field(
         None, ge=1, le=1_000_000, description="steps per copy; None = baseline budget / R; in [1, 1000000]")

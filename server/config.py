@@ -9,8 +9,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class ServerSettings(BaseSettings):
-    # Every number has a lower and an upper bound (README "Bounds of the settings"). Each field reads PUM_SERVER_<FIELD> and nothing else, except admin_token: PUM_ADMIN_TOKEN, the one
-    # variable the server and `pum admin` share. Keywords use the field names.
+    # Every number has a lower and an upper bound (README "Bounds of the settings"). Each field reads
+    # PUM_SERVER_<FIELD> and nothing else, except admin_token: PUM_ADMIN_TOKEN, the one variable the
+    # server and `pum admin` share. Keywords use the field names.
     model_config = SettingsConfigDict(env_prefix="PUM_SERVER_", extra="forbid", frozen=True)
 
     # Where jobs, rounds, secrets and the SQLite database live; a restart on the same folder continues.

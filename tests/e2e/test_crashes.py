@@ -84,17 +84,7 @@ def test_server_killed_mid_round_recovers_the_same_model(tmp_path, model_dir):
             assert upload(api, lease, deterministic_delta(copy)).status_code == 200
         lease, copy = lease_copy(api)
         body = deterministic_delta(copy)
-        half_sent, server_dead = threading.Event(), threading.Event()
-
-        def interrupted_body():
-            yield body[: len(body) // 2]
-            half_sent.set()
-            server_dead.wait(60)
-            yield body[len(body) // 2:]
-
-        outcome = {}
-        uploader = threading.Thread(target=lambda: outcome.setdefault("r", _try(upload, api, lease, interrupted_body())))
-        uploader.start()
+        half_sent, server_dead, outcome, uploader = upload_in_two_halves(api, lease, body)
         assert half_sent.wait(30)
         round_dir = state / "jobs" / job / "rounds" / "r1"
         until(lambda: any(round_dir.glob(f".upload_{lease}*")), "the server writes the upload")
@@ -131,18 +121,7 @@ def test_a_second_server_on_the_same_state_folder_exits_2_and_the_first_keeps_it
             job, token = create(admin, model_dir)
             api = worker_api(first.url, token)
             lease, copy = lease_copy(api)
-            body = deterministic_delta(copy)
-            half_sent, go_on = threading.Event(), threading.Event()
-
-            def paused_body():
-                yield body[: len(body) // 2]
-                half_sent.set()
-                go_on.wait(60)
-                yield body[len(body) // 2:]
-
-            outcome = {}
-            uploader = threading.Thread(target=lambda: outcome.setdefault("r", _try(upload, api, lease, paused_body())))
-            uploader.start()
+            half_sent, go_on, outcome, uploader = upload_in_two_halves(api, lease, deterministic_delta(copy))
             assert half_sent.wait(30)
             spool = state / "jobs" / job / "spool"
             until(lambda: spool.is_dir() and any(spool.iterdir()), "the first server spools the upload")
@@ -173,6 +152,22 @@ def test_a_second_server_on_the_same_state_folder_exits_2_and_the_first_keeps_it
     # the lock ends with its holder: a server on the folder starts once the first has stopped
     with LocalServer(state, saves, log_path=tmp_path / "third.log", dev=True):
         pass
+
+
+def upload_in_two_halves(api: WorkerAPI, lease: str, body: bytes):
+    """Upload `body` on a thread that sends its first half, sets `half_sent`, and sends the rest once
+    `go_on` is set: (half_sent, go_on, outcome {"r": response or exception}, the thread)."""
+    half_sent, go_on, outcome = threading.Event(), threading.Event(), {}
+
+    def halves():
+        yield body[: len(body) // 2]
+        half_sent.set()
+        go_on.wait(60)
+        yield body[len(body) // 2:]
+
+    uploader = threading.Thread(target=lambda: outcome.setdefault("r", _try(upload, api, lease, halves())))
+    uploader.start()
+    return half_sent, go_on, outcome, uploader
 
 
 def until(condition, what: str, timeout_s: float = 60.0) -> None:

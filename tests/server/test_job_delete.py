@@ -64,7 +64,8 @@ def test_a_job_that_has_not_ended_is_409_and_kept_until_aborted(any_server, tiny
     before = server.admin.get(f"/v1/jobs/{job}").json()
     response = server.admin.delete(f"/v1/jobs/{job}")
     assert response.status_code == 409
-    assert f"job {job} is {before['state']}" in response.json()["detail"] and "abort it first" in response.json()["detail"]
+    detail = response.json()["detail"]
+    assert f"job {job} is {before['state']}" in detail and "abort it first" in detail
     assert server.admin.get(f"/v1/jobs/{job}").json() == before
     assert server.admin.post(f"/v1/jobs/{job}/abort").status_code == 200
     assert server.admin.delete(f"/v1/jobs/{job}").json()["state"] == JobState.ABORTED

@@ -156,7 +156,8 @@ def test_privacy_cli_reports_the_whole_job_as_strict_json(tmp_path, tiny_model_d
 
 def test_leases_grant_a_uniformly_random_pending_copy(server, tiny_model_dir):
     # the lowest pending k first would tell a worker its copy index from the order of its leases
-    job = server.create_job(tiny_model_dir, {"copies_m": 4, "rounds_R": 1, "noise_kappa": 0.01, "max_copy_failures": 100})
+    pum = {"copies_m": 4, "rounds_R": 1, "noise_kappa": 0.01, "max_copy_failures": 100}  # 64 give-backs, no failure
+    job = server.create_job(tiny_model_dir, pum)
     worker = server.worker(server.token(job))
     first = []
     for _ in range(64):
