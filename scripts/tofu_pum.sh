@@ -193,7 +193,7 @@ while kill -0 "$WAIT_PID" 2> /dev/null; do
   fi
   sleep 2
 done
-wait "$WAIT_PID"
+wait "$WAIT_PID" || true  # exit status 4: the job failed or was aborted; its state is read next
 STATE="$(json_field state < "$OUT_DIR/logs/job_status.json")"
 [[ "$STATE" == finalized ]] || die "job $JOB_ID ended $STATE; see $OUT_DIR/logs/ and $OUT_DIR/logs/job_status.json"
 fg_run "$PYTHON" -m pum.cli --log-level WARNING admin --server "$SERVER_URL" download "$JOB_ID" "$OUT_DIR" > /dev/null

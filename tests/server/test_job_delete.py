@@ -76,3 +76,23 @@ def test_delete_needs_the_admin_token(server, tiny_model_dir):
     server.admin.post(f"/v1/jobs/{job}/abort")
     assert server.worker(server.token(job)).delete(f"/v1/jobs/{job}").status_code in (401, 403)
     assert server.admin.get(f"/v1/jobs/{job}").status_code == 200
+
+
+def test_two_creations_of_one_task_at_once_make_one_job(server, tiny_model_dir):
+    import threading
+
+    barrier, codes = threading.Barrier(2), []
+
+    def post() -> None:
+        barrier.wait()
+        codes.append(create(server, tiny_model_dir, "raced").status_code)
+
+    threads = [threading.Thread(target=post) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(codes) == [201, 409]
+    jobs = server.admin.get("/v1/jobs").json()
+    assert [j["task"] for j in jobs] == ["raced"]
+    assert sorted(p.name for p in (server.settings.state_dir / "jobs").iterdir()) == [jobs[0]["id"]]  # no leftovers
