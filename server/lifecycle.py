@@ -44,8 +44,8 @@ def sanitize_reason(text: str) -> str:
 class Lifecycle:
     def __init__(self, ctx: ServerContext):
         self.ctx = ctx
-        self._actions = {
-            JobAction.START: self._start, JobAction.PAUSE: self._set(JobState.PAUSED),
+        self._actions = {  # start is `act`'s own: its heavy part runs before the lock
+            JobAction.PAUSE: self._set(JobState.PAUSED),
             JobAction.RESUME: self._resume, JobAction.ABORT: self._set(JobState.ABORTED),
             JobAction.ADVANCE: self._advance, JobAction.FINALIZE: self._finalize,
         }
@@ -81,14 +81,22 @@ class Lifecycle:
         return job
 
     def act(self, job_id: str, action: JobAction) -> Job:
-        """Run an admin action (start, pause, resume, abort, advance, finalize) under the job's lock."""
+        """Run an admin action (start, pause, resume, abort, advance, finalize) under the job's lock.
+
+        `start`'s heavy part, round 1's center and z̄ (m noise draws of the model's size), runs before
+        the lock is taken, so an abort never waits behind it; under the lock the state is checked
+        again and the round committed (a start that lost to an abort is 409)."""
+        prepared = None
+        if action is JobAction.START:
+            job = _allowed(self.ctx.job(job_id), action)
+            prepared = self.prepare_round(job, 1)
         with self.ctx.lock(job_id):
-            job = self.ctx.job(job_id)
-            allowed = ACTIONS[action].sources
-            if job.state not in allowed:
-                raise Conflict(f"cannot {action} job {job_id}: it is {job.state} "
-                               f"(allowed from {', '.join(sorted(allowed))})")
-            self._actions[action](job)
+            job = _allowed(self.ctx.job(job_id), action)
+            if prepared is not None:
+                self.commit_round(job, 1, *prepared)
+                self.ctx.store.set_job_state(job.id, JobState.RUNNING)
+            else:
+                self._actions[action](job)
         job = self.ctx.job(job_id)
         log.info("job %s: %s; it is %s", job_id, action, job.state, extra={"job": job_id, "state": str(job.state)})
         return job
@@ -139,10 +147,6 @@ class Lifecycle:
         job = self.ctx.store.set_job_state(job.id, JobState.RUNNING)
         if job.spec.settings.auto_advance:
             self.finish_round(job)
-
-    def _start(self, job: Job) -> None:
-        self.open_round(job, 1)
-        self.ctx.store.set_job_state(job.id, JobState.RUNNING)
 
     def _advance(self, job: Job) -> None:
         """Apply the step of a complete round (jobs with auto_advance off)."""
@@ -219,11 +223,19 @@ class Lifecycle:
             self.export(job, job.round + 1)
 
     def open_round(self, job: Job, round_: int) -> None:
+        self.commit_round(job, round_, *self.prepare_round(job, round_))
+
+    def prepare_round(self, job: Job, round_: int) -> tuple[dict[str, float], dict[str, float]]:
+        """Write a round's center and z̄ (the heavy part), after checking the disk has room for them."""
         files = self.ctx.files(job.id)
         files.blobs.check_space(model_sized_writes(files, job.spec, round_), f"opening round {round_}")
-        sigmas, taus = prepare_round(files, self.ctx.key(job.id), job.spec, round_)
+        return prepare_round(files, self.ctx.key(job.id), job.spec, round_)
+
+    def commit_round(self, job: Job, round_: int, sigmas: dict[str, float], taus: dict[str, float]) -> None:
+        """Open a prepared round (its center and z̄ written) in the store."""
         self.ctx.store.open_round(job.id, round_, job.spec.settings.copies_m, sigmas, taus)
         if round_ > 1:
+            files = self.ctx.files(job.id)
             files.delete(files.theta(round_ - 1))
 
     def export(self, job: Job, theta_round: int) -> None:
@@ -242,3 +254,11 @@ def failure_reasons(store: Store, job_id: str, round_: int, k: int) -> list[str]
     """The reasons of the failed leases of one copy, oldest first (already sanitised)."""
     return [lease.reason for lease in store.leases(job_id)
             if (lease.round, lease.k, lease.state) == (round_, k, LeaseState.FAILED)]
+
+
+def _allowed(job: Job, action: JobAction) -> Job:
+    """The job, if `action` may start from its state; Conflict saying what it is otherwise."""
+    sources = ACTIONS[action].sources
+    if job.state not in sources:
+        raise Conflict(f"cannot {action} job {job.id}: it is {job.state} (allowed from {', '.join(sorted(sources))})")
+    return job

@@ -83,3 +83,35 @@ def test_two_actions_at_once_end_as_one_order_of_them(server, tiny_model_dir, st
             assert status["output_dir"] is None and not exported.exists()
         seen.add(outcome)
     assert seen  # (both orders need not show up: the lock decides which comes first)
+
+
+def test_an_abort_does_not_wait_behind_a_start_and_the_start_then_loses(server, tiny_model_dir, monkeypatch):
+    """start's noise draws (m of the model's size) run outside the job's lock: an abort answers at once."""
+    import pum.server.lifecycle as lifecycle
+
+    job = server.create_job(tiny_model_dir, {"copies_m": 2}, start=False)
+    preparing, finish, real = threading.Event(), threading.Event(), lifecycle.prepare_round
+
+    def slow_prepare(*args):
+        preparing.set()
+        assert finish.wait(60)
+        return real(*args)
+
+    monkeypatch.setattr(lifecycle, "prepare_round", slow_prepare)
+    codes = {}
+
+    def act(action: str) -> None:
+        codes[action] = server.admin.post(f"/v1/jobs/{job}/{action}").status_code
+
+    starter = threading.Thread(target=act, args=("start",))
+    starter.start()
+    assert preparing.wait(30)
+    aborter = threading.Thread(target=act, args=("abort",))
+    aborter.start()
+    aborter.join(20)
+    assert codes.get("abort") == 200, "the abort waited behind the start"
+    finish.set()
+    starter.join(60)
+    assert codes["start"] == 409
+    status = server.admin.get(f"/v1/jobs/{job}").json()
+    assert status["state"] == "aborted" and status["rounds"] == []
