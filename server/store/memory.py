@@ -63,7 +63,7 @@ class MemoryStore:
             for table in (self._rounds, self._copies):
                 for key in [key for key in table if key[0] == job_id]:
                     del table[key]
-            for token in [t for t, (owner, _) in self._tokens.items() if owner == job_id]:
+            for token in [t for t, (owner, *_) in self._tokens.items() if owner == job_id]:
                 del self._tokens[token]
             for lease in [l.id for l in self._leases.values() if l.job_id == job_id]:
                 del self._leases[lease]
