@@ -56,16 +56,18 @@ def public_file(name: str, token: WorkerToken, service: Service) -> StreamingRes
 def download_copy(
     lease_id: str, token: WorkerToken, service: Service, range: Annotated[str | None, Header()] = None
 ) -> StreamingResponse:
-    """The lease's perturbed copy as a safetensors stream, generated tensor by tensor.
+    """The lease's perturbed copy as a safetensors stream, generated tensor by tensor; one download
+    per lease at a time (409 while one is open).
 
     `Range: bytes=N-` resumes a cut download: the bytes are regenerated from the seeds."""
     start = range_start(range)
-    size, chunks = service.work.copy_download(token, lease_id, start)
+    lease, size, chunks = service.work.copy_download(token, lease_id, start)
     headers = {"Accept-Ranges": "bytes"}
     if range is None:
-        return binary_response(size, chunks, headers=headers)
+        return service.work.streams.response(lease.id, lease.token_hash, chunks, size, headers=headers)
     headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
-    return binary_response(size - start, chunks, status_code=206, headers=headers)
+    return service.work.streams.response(lease.id, lease.token_hash, chunks, size - start, status_code=206,
+                                         headers=headers)
 
 
 @router.put(

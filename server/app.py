@@ -19,6 +19,7 @@ from .api_work import router as work_router
 from . import ui
 from .auth import AdminOnly, Service
 from .config import ServerSettings
+from .gate import RequestGate
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .service import JobService
 
@@ -41,6 +42,8 @@ def create_app(settings: ServerSettings, service: JobService | None = None) -> F
         responses=ERROR_RESPONSES,
     )
     app.state.service = service or JobService.open(settings)
+    app.add_middleware(RequestGate, max_json_body_bytes=settings.max_json_body_bytes,
+                       body_timeout_s=settings.body_timeout_s)
 
     @app.exception_handler(PumError)
     async def pum_error(request: Request, err: PumError) -> JSONResponse:

@@ -24,7 +24,7 @@ Service = Annotated[JobService, Depends(get_service)]
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
-def _is_admin(service: JobService, token: str | None) -> bool:
+def is_admin(service: JobService, token: str | None) -> bool:
     expected = service.settings.admin_token
     if expected is None:
         return service.settings.dev_mode
@@ -34,7 +34,7 @@ def _is_admin(service: JobService, token: str | None) -> bool:
 def require_admin(service: Service, credentials: Credentials) -> None:
     """Runs in a worker thread: it may read the store."""
     token = credentials.credentials if credentials else None
-    if _is_admin(service, token):
+    if is_admin(service, token):
         return
     if token is None:
         raise Unauthorized("missing bearer token: send 'Authorization: Bearer <admin token>'")

@@ -1,4 +1,4 @@
-"""`pum server`: run the FastAPI app under uvicorn."""
+"""`pum server`: run the FastAPI app under uvicorn (serving.py: the connection guard, SIGTERM)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,20 @@ SETTING_FLAGS: dict[str, tuple[str, dict]] = {
     "tls_keyfile": ("--tls-key", {"help": "private key file for --tls-cert (PUM_SERVER_TLS_KEYFILE)"}),
     "device": ("--device", {"help": "where new jobs draw their copies' noise: cpu, cuda or cuda:N; fixed per job at "
                "its creation (PUM_SERVER_DEVICE; default cpu)"}),
+    "send_timeout_s": ("--send-timeout", {"type": float, "help": "seconds a download may read nothing before it is "
+                       "cut off and its copy slot freed (PUM_SERVER_SEND_TIMEOUT_S; default 30)"}),
+    "header_timeout_s": ("--header-timeout", {"type": float, "help": "seconds a connection has to send a request's "
+                         "headers (PUM_SERVER_HEADER_TIMEOUT_S; default 10)"}),
+    "body_timeout_s": ("--body-timeout", {"type": float, "help": "seconds a JSON body has to arrive whole "
+                       "(PUM_SERVER_BODY_TIMEOUT_S; default 30)"}),
+    "max_json_body_bytes": ("--max-json-body-bytes", {"type": int, "help": "largest JSON body; larger ones get 413 "
+                            "unread (PUM_SERVER_MAX_JSON_BODY_BYTES; default 1 MiB)"}),
+    "max_connections": ("--max-connections", {"type": int, "help": "open connections; past it the idlest is dropped "
+                        "(PUM_SERVER_MAX_CONNECTIONS; default 4096)"}),
+    "lease_max_age_s": ("--lease-max-age", {"type": float, "help": "seconds after which a lease ends, heartbeats or "
+                        "not (PUM_SERVER_LEASE_MAX_AGE_S; default 86400)"}),
+    "shutdown_grace_s": ("--shutdown-grace", {"type": float, "help": "seconds SIGTERM lets open responses run "
+                         "before it ends them and exits 0 (PUM_SERVER_SHUTDOWN_GRACE_S; default 10)"}),
 }
 
 
@@ -106,10 +120,10 @@ def run_audit(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
     from pydantic import ValidationError
 
     from .app import create_app
+    from .serving import serve
 
     try:
         settings = settings_from_args(args)
@@ -123,11 +137,7 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("pum").info("state in %s; dev mode %s", settings.state_dir.resolve(), settings.dev_mode)
     # json: uvicorn's loggers (errors, the access log) go to the root handler, so every line is JSON
     json_logs = {"log_config": None} if getattr(args, "log_format", "text") == "json" else {}
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level="info", **json_logs,
-        ssl_certfile=str(settings.tls_certfile) if settings.tls_certfile else None,
-        ssl_keyfile=str(settings.tls_keyfile) if settings.tls_keyfile else None,
-    )
+    serve(create_app(settings), settings, **json_logs)
     return 0
 
 

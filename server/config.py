@@ -31,9 +31,29 @@ class ServerSettings(BaseSettings):
     upload_idle_timeout_s: float = Field(60.0, gt=0, le=3600)
     # Largest safetensors header accepted from a worker.
     max_header_bytes: int = Field(16 * 2**20, ge=1024, le=2**30)
-    # Copies generated at once: each costs a few times the largest tensor of memory, so this caps
-    # the server's memory whatever m and the number of workers are; further downloads wait.
+    # Copies streamed at once, each on a copy thread of its own (never the threads that answer leases,
+    # heartbeats and admin calls): each costs a few times the largest tensor of memory, so this caps
+    # the server's memory whatever m and the number of workers are; further downloads wait their turn.
     max_concurrent_copies: int = Field(2, ge=1, le=64)
+    # A copy download whose client reads nothing for this long (the send buffer stays full) is cut
+    # off and its copy slot freed: a stalled reader holds a slot at most this long.
+    send_timeout_s: float = Field(30.0, gt=0, le=3600)
+    # A connection must deliver a request's complete headers within this many seconds of opening
+    # (or of its previous response); a half-sent request is then cut off.
+    header_timeout_s: float = Field(10.0, gt=0, le=600)
+    # A request body bounded by max_json_body_bytes must arrive whole within this many seconds (408
+    # otherwise); upload bodies are bounded by upload_idle_timeout_s instead.
+    body_timeout_s: float = Field(30.0, gt=0, le=3600)
+    # Largest body of a JSON route (job creation, tokens, give-backs): larger ones get 413 unread.
+    max_json_body_bytes: int = Field(2**20, ge=1024, le=2**26)
+    # Open connections per process: past it, the connection idle longest (waiting for its request's
+    # headers) is dropped to let the new one in. The process raises its file limit to fit.
+    max_connections: int = Field(4096, ge=16, le=65536)
+    # A lease ends at this age even if heartbeats keep coming, and its copy is offered again: one
+    # token cannot hoard copies.
+    lease_max_age_s: float = Field(24 * 3600.0, gt=0, le=30 * 86400)
+    # SIGTERM: stop accepting, let open responses (copy streams) finish for this long, then end them and exit.
+    shutdown_grace_s: float = Field(10.0, ge=0, le=3600)
     # Threads that parse, check and merge uploads, at a lower CPU priority than lease and heartbeat
     # answers (merges of one job run one at a time whatever this is).
     upload_threads: int = Field(2, ge=1, le=64)

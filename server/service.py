@@ -114,6 +114,7 @@ class JobService:
 
     def close(self) -> None:
         self.uploads.close()
+        self.work.streams.close()
         self.context.store.close()
         if self._state_lock is not None:
             self._state_lock.release()

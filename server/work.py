@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import threading
 import time
 from typing import Callable, Iterator
 
@@ -22,6 +21,7 @@ from .context import ServerContext
 from .lifecycle import sanitize_reason
 from .rounds import copy_chunks, published_layout, round_noise
 from .store import Lease
+from .streams import CopyStreams
 from .tokens import worker_job
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class WorkProtocol:
         """`on_given_back(lease)` runs after a worker gave a copy back (the lifecycle counts failures)."""
         self.ctx = ctx
         self._on_given_back = on_given_back
-        self._copy_slots = threading.BoundedSemaphore(ctx.settings.max_concurrent_copies)
+        self.streams = CopyStreams(ctx.settings.max_concurrent_copies)
 
     def lease(self, token: str) -> LeaseGranted | LeaseWait | LeaseDone:
         job_id, token_hash = worker_job(self.ctx, token)
@@ -88,8 +88,9 @@ class WorkProtocol:
             raise NotFound(f"no file {name[:100]!r}")
         return files.size(files.public(name)), self.ctx.metrics.counted("file", files.chunks(files.public(name)))
 
-    def copy_download(self, token: str, lease_id: str, start: int = 0) -> tuple[int, Iterator[bytes]]:
-        """(total size in bytes, chunks from byte `start` on) of the lease's published copy."""
+    def copy_download(self, token: str, lease_id: str, start: int = 0) -> tuple[Lease, int, Iterator[bytes]]:
+        """(the lease, the copy's total size in bytes, chunks from byte `start` on) of the lease's
+        published copy; send them with `self.streams`, which generates them on the copy threads."""
         lease = self.live_lease(token, lease_id)
         job = self.ctx.job(lease.job_id)
         files = self.ctx.files(job.id)
@@ -99,7 +100,7 @@ class WorkProtocol:
             raise RangeNotSatisfiable(f"range start {start} is outside the copy's {size} bytes")
         sigmas, taus = round_noise(self.ctx.store.round(job.id, lease.round), job.spec.settings)
         chunks = copy_chunks(files, self.ctx.key(job.id), job.spec, lease.round, lease.k, sigmas, taus, layout, start)
-        return size, self._one_of_few(self._served(lease, chunks, start))
+        return lease, size, self._served(lease, chunks, start)
 
     def _served(self, lease: Lease, chunks: Iterator[bytes], start: int) -> Iterator[bytes]:
         """The copy's chunks, counted as served; a stream that ran to its end is logged, and a whole
@@ -118,11 +119,6 @@ class WorkProtocol:
         """A lease's fields for a structured log line (`pum.common.logs`): job, round, copy, lease, worker."""
         worker = self.ctx.store.token_labels(lease.job_id).get(lease.token_hash)
         return {"job": lease.job_id, "round": lease.round, "copy": lease.k, "lease": lease.id, "worker": worker, **more}
-
-    def _one_of_few(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
-        """Generate at most max_concurrent_copies copies at a time (the slot frees when the stream ends)."""
-        with self._copy_slots:
-            yield from chunks
 
     # ---- lease checks ------------------------------------------------------------------------
     def live_lease(self, token: str, lease_id: str) -> Lease:

@@ -15,6 +15,9 @@ VALUES = {  # field → an environment value and how it reads back
     "lease_ttl_s": ("7.5", 7.5), "upload_idle_timeout_s": ("3", 3.0), "max_header_bytes": ("4096", 4096),
     "max_concurrent_copies": ("5", 5), "upload_threads": ("4", 4), "torch_threads": ("3", 3), "tls_certfile": ("/c.pem", "/c.pem"),
     "tls_keyfile": ("/k.pem", "/k.pem"), "device": ("cuda:1", "cuda:1"),
+    "send_timeout_s": ("4", 4.0), "header_timeout_s": ("2.5", 2.5), "body_timeout_s": ("6", 6.0),
+    "max_json_body_bytes": ("65536", 65536), "max_connections": ("300", 300), "lease_max_age_s": ("3600", 3600.0),
+    "shutdown_grace_s": ("1.5", 1.5),
 }
 READS = {field: {f"PUM_SERVER_{field.upper()}"} for field in VALUES} | {"admin_token": {"PUM_ADMIN_TOKEN"}}
 
