@@ -6,11 +6,14 @@ import time
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping
+from urllib.parse import quote
 
 import httpx
 from pydantic import TypeAdapter
 
-from pum.common.schemas import JobCreate, JobStatus, JobSummary, ModelFiles, PrivacyReport, TokenCreate, TokenIssued
+from pum.common.schemas import (
+    JobCreate, JobStatus, JobSummary, ModelFiles, PrivacyReport, Revoked, TokenCreate, TokenIssued,
+)
 from pum.common.states import END_STATES, JobAction
 
 from .api import parse, raise_for_status
@@ -45,6 +48,13 @@ class AdminAPI:
     def issue_token(self, job_id: str, label: str = "worker") -> str:
         reply = parse(self.http.post(f"/v1/jobs/{job_id}/tokens", json=TokenCreate(label=label).model_dump()), TokenIssued)
         return reply.token
+
+    def revoke_lease(self, job_id: str, lease_id: str) -> Revoked:
+        return parse(self.http.post(f"/v1/jobs/{job_id}/leases/{quote(lease_id, safe='')}/revoke"), Revoked)
+
+    def revoke_token(self, job_id: str, label: str) -> Revoked:
+        """Revoke every token of the job with this label (ending their live leases)."""
+        return parse(self.http.delete(f"/v1/jobs/{job_id}/tokens/{quote(label, safe='/')}"), Revoked)
 
     def privacy(self, job_id: str) -> PrivacyReport:
         return parse(self.http.get(f"/v1/jobs/{job_id}/privacy"), PrivacyReport)

@@ -99,6 +99,12 @@ def add_parsers(subparsers) -> None:
     token = commands.add_parser("token", help="issue a worker token for a job")
     token.add_argument("job_id", help=JOB_ID_HELP)
     token.add_argument("--label", default="worker", help="a name for the worker that gets the token (default worker)")
+    revoke_lease = commands.add_parser("revoke-lease", help="end a live lease now; its copy is offered again")
+    revoke_lease.add_argument("job_id", help=JOB_ID_HELP)
+    revoke_lease.add_argument("lease_id", help="the lease (`pum admin status JOB_ID` shows each copy's lease_id)")
+    revoke_token = commands.add_parser("revoke-token", help="revoke a job's worker tokens by label, ending their leases")
+    revoke_token.add_argument("job_id", help=JOB_ID_HELP)
+    revoke_token.add_argument("label", help="the label the token was issued with")
     wait = commands.add_parser("wait", help="wait until a job is finalized, aborted or failed, showing its progress "
                                             "(exit status 4, with the reason, when it failed or was aborted)")
     wait.add_argument("job_id", help=JOB_ID_HELP)
@@ -233,6 +239,10 @@ def run_admin(args: argparse.Namespace) -> int:
             result = {"token": api.issue_token(args.job_id, args.label)}
         elif args.command == "delete":
             result = api.delete_job(args.job_id)
+        elif args.command == "revoke-lease":
+            result = api.revoke_lease(args.job_id, args.lease_id)
+        elif args.command == "revoke-token":
+            result = api.revoke_token(args.job_id, args.label)
         elif args.command == "wait":
             result = api.wait(args.job_id, args.timeout, on_status=None if args.no_progress else WaitProgress(sys.stderr))
         else:

@@ -106,7 +106,9 @@ class CopyInfo(BaseModel):
     seconds: float | None = Field(None, description="how long its latest lease has held it: until accepted, or until now")
     lease_ends: dict[str, int] = Field(default_factory=dict, description="its leases that ended without an upload, "
                                        "by how: expired (no heartbeat in time), failed (given back after a failure), "
-                                       "released, cancelled")
+                                       "released, cancelled, revoked")
+    lease_id: str | None = Field(None, description="the copy's last lease: the one holding it while leased "
+                                                     "(`pum admin revoke-lease` ends it)")
 
 
 class RoundInfo(BaseModel):
@@ -236,6 +238,14 @@ class Release(BaseModel):
 
 class Released(BaseModel):
     released: bool = True
+
+
+class Revoked(BaseModel):
+    """What an admin revocation ended: the tokens revoked (0 for a lease) and the live leases ended."""
+
+    job_id: str
+    tokens: int = 0
+    leases: list[str] = Field(default_factory=list)
 
 
 class UploadKind(StrEnum):

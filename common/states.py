@@ -54,6 +54,7 @@ class LeaseState(_StrEnum):
     FAILED = "failed"  # the worker gave the copy back after a failure
     RELEASED = "released"  # the worker gave the copy back without a failure
     CANCELLED = "cancelled"  # the job ended while the lease was live
+    REVOKED = "revoked"  # the admin ended it (or its token), or it reached the maximum lease age
 
 
 JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {

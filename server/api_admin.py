@@ -5,7 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from pum.common.schemas import JobCreate, JobStatus, JobSummary, ModelFiles, PrivacyReport, TokenCreate, TokenIssued
+from pum.common.schemas import (
+    JobCreate, JobStatus, JobSummary, ModelFiles, PrivacyReport, Revoked, TokenCreate, TokenIssued,
+)
 from pum.common.states import ACTIONS, JobAction
 
 from .auth import AdminOnly, Service
@@ -59,6 +61,18 @@ def issue_token(job_id: str, body: TokenCreate, service: Service) -> TokenIssued
     """A new worker token for the job; it is shown only in this response."""
     token = service.issue_token(job_id, body.label, body.party)
     return TokenIssued(token=token, label=body.label, party=body.party, job_id=job_id)
+
+
+@router.delete("/{job_id}/tokens/{label:path}", response_model=Revoked)
+def revoke_token(job_id: str, label: str, service: Service) -> Revoked:
+    """Revoke the job's worker tokens with this label: refused from now on, their live leases ended."""
+    return service.revoke_tokens(job_id, label)
+
+
+@router.post("/{job_id}/leases/{lease_id}/revoke", response_model=Revoked)
+def revoke_lease(job_id: str, lease_id: str, service: Service) -> Revoked:
+    """End a live lease now (a hoarding worker): its copy is offered to another worker."""
+    return service.work.revoke(job_id, lease_id)
 
 
 @router.get("/{job_id}/privacy", response_model=PrivacyReport)

@@ -17,7 +17,7 @@ import logging
 from typing import Iterator
 
 from pum.common.errors import PumError
-from pum.common.schemas import JobStatus, ModelFiles, PrivacyReport
+from pum.common.schemas import JobStatus, ModelFiles, PrivacyReport, Revoked
 
 from . import views
 from .blobs import BlobStore, LocalBlobStore
@@ -28,7 +28,7 @@ from .metrics import Metrics, StoreCollector, headline_epsilon
 from .recovery import recover, remove_orphans
 from .state_lock import StateLock
 from .store import SqliteStore, Store
-from .tokens import issue_token
+from .tokens import issue_token, revoke_tokens
 from .uploads import Uploads
 from .work import WorkProtocol
 
@@ -111,6 +111,9 @@ class JobService:
 
     def issue_token(self, job_id: str, label: str, party: str = "") -> str:
         return issue_token(self.context, job_id, label, party)
+
+    def revoke_tokens(self, job_id: str, label: str) -> Revoked:
+        return revoke_tokens(self.context, job_id, label)
 
     def close(self) -> None:
         self.uploads.close()

@@ -57,7 +57,7 @@ def copy_info(copy: Copy, leases: list[Lease], labels: dict[str, str], now: floa
         held = (copy.accepted_at or now) - copy.leased_at
     return CopyInfo(k=copy.k, state=copy.state, leases=copy.leases, failures=copy.failures, leased_at=copy.leased_at,
                     accepted_at=copy.accepted_at, worker=labels.get(latest.token_hash) if latest else None,
-                    seconds=held, lease_ends=ends)
+                    seconds=held, lease_ends=ends, lease_id=copy.lease_id)
 
 
 def progress(ctx: ServerContext, job: Job, rounds: list[RoundInfo], now: float) -> Progress:

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 from pum.common.codec import total_size
 from pum.common.errors import Conflict, Forbidden, LeaseExpired, NotFound, RangeNotSatisfiable
-from pum.common.schemas import Heartbeat, LeaseDone, LeaseGranted, LeaseWait, Released, TaskSpec
+from pum.common.schemas import Heartbeat, LeaseDone, LeaseGranted, LeaseWait, Released, Revoked, TaskSpec
 from pum.common.states import END_STATES, TAKES_UPLOADS, JobState, LeaseState
 
 from .context import ServerContext
@@ -45,9 +45,9 @@ class WorkProtocol:
             return LeaseWait(retry_after_s=WAIT_PAUSED_S, job_state=job.state)
         settings = job.spec.settings
         self.expire()
+        ttl_s = min(self.ctx.settings.lease_ttl_s, self.ctx.settings.lease_max_age_s)
         lease = self.ctx.store.grant_lease(
-            "lease-" + secrets.token_urlsafe(16), job_id, job.round, token_hash, self.ctx.settings.lease_ttl_s,
-            settings.per_token_copy_cap,
+            "lease-" + secrets.token_urlsafe(16), job_id, job.round, token_hash, ttl_s, settings.per_token_copy_cap,
         )
         if lease is None:
             return LeaseWait(retry_after_s=WAIT_BUSY_S, job_state=job.state)
@@ -59,14 +59,28 @@ class WorkProtocol:
         )
         return LeaseGranted(
             lease_id=lease.id, job_id=job_id, task_name=job.task, round=job.round, rounds_R=settings.rounds_R,
-            ttl_s=self.ctx.settings.lease_ttl_s, task=task, public_files=self.ctx.files(job_id).public_names(),
+            ttl_s=ttl_s, task=task, public_files=self.ctx.files(job_id).public_names(),
         )
 
     def heartbeat(self, token: str, lease_id: str) -> Heartbeat:
+        """Extend the lease by the TTL, never past its maximum age (then it expires, heartbeats or not,
+        and its copy is offered again: a token cannot hold a copy for ever)."""
         lease = self.live_lease(token, lease_id)
-        if not self.ctx.store.extend_lease(lease.id, self.ctx.settings.lease_ttl_s):
+        ttl_s = min(self.ctx.settings.lease_ttl_s, lease.created_at + self.ctx.settings.lease_max_age_s - self.ctx.clock())
+        if ttl_s <= 0 or not self.ctx.store.extend_lease(lease.id, ttl_s):
             raise LeaseExpired(f"lease {lease.id} ended while renewing it: ask for a new lease")
-        return Heartbeat(lease_id=lease.id, ttl_s=self.ctx.settings.lease_ttl_s)
+        return Heartbeat(lease_id=lease.id, ttl_s=ttl_s)
+
+    def revoke(self, job_id: str, lease_id: str) -> Revoked:
+        """The admin ends a live lease: its copy is offered again, its worker's next call gets 410."""
+        self.ctx.job(job_id)
+        lease = self.ctx.store.lease(lease_id)
+        if lease is None or lease.job_id != job_id:
+            raise NotFound(f"job {job_id} has no lease {lease_id[:40]!r}: GET /v1/jobs/{job_id} lists its copies")
+        if self.ctx.store.revoke_lease(lease.id) is None:
+            raise Conflict(f"lease {lease.id} is {self.ctx.store.lease(lease.id).state}: only an active lease is revoked")
+        log.warning("job %s: %s revoked by the admin; its copy goes back to the pool", job_id, lease.id)
+        return Revoked(job_id=job_id, leases=[lease.id])
 
     def release(self, token: str, lease_id: str, reason: str) -> Released:
         """A worker gives its copy back (failure or shutdown); the copy is offered again."""
@@ -138,8 +152,12 @@ class WorkProtocol:
         if current.state is LeaseState.DONE:
             raise Conflict(f"lease {lease.id} was already uploaded and accepted: a copy counts once")
         if current.state is LeaseState.EXPIRED:
-            raise LeaseExpired(f"lease {lease.id} expired (no heartbeat within {self.ctx.settings.lease_ttl_s:g} s): "
+            raise LeaseExpired(f"lease {lease.id} expired (no heartbeat within {self.ctx.settings.lease_ttl_s:g} s, "
+                               f"or older than the maximum lease age {self.ctx.settings.lease_max_age_s:g} s): "
                                "ask for a new lease")
+        if current.state is LeaseState.REVOKED:
+            raise LeaseExpired(f"lease {lease.id} was revoked by the admin: ask for a new lease (a revoked token "
+                               "gets none)")
         if current.state is not LeaseState.ACTIVE:
             raise LeaseExpired(f"lease {lease.id} is {current.state}: ask for a new lease")
         job = self.ctx.job(current.job_id)

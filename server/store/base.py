@@ -55,7 +55,12 @@ class Store(Protocol):
         """Token hash → the label it was issued with, for the job's tokens (who holds which lease)."""
 
     def token_job(self, token_hash: str) -> str | None:
-        """The job of a token hash, or None for an unknown token."""
+        """The job of a token hash, or None for an unknown or revoked token."""
+
+    def revoke_tokens(self, job_id: str, label: str) -> tuple[int, list[Lease]]:
+        """Revoke the job's live tokens labelled `label` (they stop resolving; their rows stay for the
+        privacy accounting) and end their active leases (`revoked`, copies back to pending), in one
+        transaction; returns (tokens revoked, leases ended)."""
 
     # ---- rounds and copies -------------------------------------------------------------------
     def open_round(self, job_id: str, round_: int, m: int, sigmas: dict[str, float], taus: dict[str, float]) -> Round:
@@ -93,6 +98,10 @@ class Store(Protocol):
     def release_lease(self, lease_id: str, failed: bool, reason: str = "") -> Lease | None:
         """End an active lease early (`failed` or `released`, keeping the worker's `reason`) and put
         its copy back (a failure counts in the copy's `failures`); None when it was not active."""
+
+    def revoke_lease(self, lease_id: str) -> Lease | None:
+        """End an active lease (`revoked`) and put its copy back without counting a failure; None
+        when it was not active."""
 
     def accept_copy(self, lease: Lease, s0: float, s1_file: str) -> None:
         """Commit one merged copy: the copy (accepted), its lease (done), S0 and the S1 blob name

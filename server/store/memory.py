@@ -25,6 +25,7 @@ class MemoryStore:
         self._lock = threading.RLock()
         self._jobs: dict[str, Job] = {}
         self._tokens: dict[str, tuple[str, str, str]] = {}  # hash → (job id, party, label)
+        self._revoked: set[str] = set()  # hashes of revoked tokens (kept in _tokens for the privacy accounting)
         self._rounds: dict[tuple[str, int], Round] = {}
         self._copies: dict[tuple[str, int, int], Copy] = {}
         self._leases: dict[str, Lease] = {}  # in the order granted
@@ -97,11 +98,22 @@ class MemoryStore:
 
     def token_job(self, token_hash: str) -> str | None:
         with self._lock:
+            if token_hash in self._revoked:
+                return None
             return self._tokens.get(token_hash, (None,))[0]
 
     def token_labels(self, job_id: str) -> dict[str, str]:
         with self._lock:
             return {h: label for h, (job, _, label) in self._tokens.items() if job == job_id}
+
+    def revoke_tokens(self, job_id: str, label: str) -> tuple[int, list[Lease]]:
+        with self._lock:
+            hashes = {h for h, (job, _, its_label) in self._tokens.items()
+                      if job == job_id and its_label == label and h not in self._revoked}
+            self._revoked |= hashes
+            due = [l for l in self._leases.values() if l.token_hash in hashes and l.state is LeaseState.ACTIVE]
+            ended = [self._leases[l.id] for l in due if self._end_lease(l, LeaseState.REVOKED, failed=False)]
+            return len(hashes), ended
 
     # ---- rounds and copies -------------------------------------------------------------------
     def open_round(self, job_id: str, round_: int, m: int, sigmas: dict[str, float], taus: dict[str, float]) -> Round:
@@ -199,6 +211,13 @@ class MemoryStore:
             if lease is None or not self._end_lease(lease, target, failed):
                 return None
             self._leases[lease_id] = replace(self._leases[lease_id], reason=reason)
+            return self._leases[lease_id]
+
+    def revoke_lease(self, lease_id: str) -> Lease | None:
+        with self._lock:
+            lease = self._leases.get(lease_id)
+            if lease is None or not self._end_lease(lease, LeaseState.REVOKED, failed=False):
+                return None
             return self._leases[lease_id]
 
     def accept_copy(self, lease: Lease, s0: float, s1_file: str) -> None:

@@ -63,8 +63,8 @@ CREATE INDEX IF NOT EXISTS leases_by_job ON leases (job_id, round, token_hash);
 CREATE INDEX IF NOT EXISTS jobs_by_task ON jobs (task);
 """
 # Columns added after the first release, with their definitions: an older state.db gets them on open.
-ADDED_COLUMNS = {"tokens": {"party": "TEXT NOT NULL DEFAULT ''"}, "rounds": {"taus": "TEXT NOT NULL DEFAULT '{}'"},
-                 "leases": {"reason": "TEXT NOT NULL DEFAULT ''"}}
+ADDED_COLUMNS = {"tokens": {"party": "TEXT NOT NULL DEFAULT ''", "revoked_at": "REAL"},
+                 "rounds": {"taus": "TEXT NOT NULL DEFAULT '{}'"}, "leases": {"reason": "TEXT NOT NULL DEFAULT ''"}}
 
 
 def _states(table: dict, target) -> str:
@@ -204,8 +204,21 @@ class SqliteStore:
         return {r["hash"]: r["label"] for r in self._rows("SELECT hash, label FROM tokens WHERE job_id = ?", (job_id,))}
 
     def token_job(self, token_hash: str) -> str | None:
-        rows = self._rows("SELECT job_id FROM tokens WHERE hash = ?", (token_hash,))
+        rows = self._rows("SELECT job_id FROM tokens WHERE hash = ? AND revoked_at IS NULL", (token_hash,))
         return rows[0]["job_id"] if rows else None
+
+    def revoke_tokens(self, job_id: str, label: str) -> tuple[int, list[Lease]]:
+        with self._transaction() as db:
+            hashes = [r["hash"] for r in db.execute(
+                "SELECT hash FROM tokens WHERE job_id = ? AND label = ? AND revoked_at IS NULL", (job_id, label))]
+            db.executemany("UPDATE tokens SET revoked_at = ? WHERE hash = ?", [(self.clock(), h) for h in hashes])
+            ended = []
+            for h in hashes:
+                for row in db.execute("SELECT * FROM leases WHERE token_hash = ? AND state = ?",
+                                      (h, LeaseState.ACTIVE.value)).fetchall():
+                    if self._end_lease(db, _lease(row), LeaseState.REVOKED, failed=False):
+                        ended.append(_lease(db.execute("SELECT * FROM leases WHERE id = ?", (row["id"],)).fetchone()))
+        return len(hashes), ended
 
     # ---- rounds and copies -------------------------------------------------------------------
     def open_round(self, job_id: str, round_: int, m: int, sigmas: dict[str, float], taus: dict[str, float]) -> Round:
@@ -317,6 +330,13 @@ class SqliteStore:
             if row is None or not self._end_lease(db, _lease(row), target, failed):
                 return None
             db.execute("UPDATE leases SET reason = ? WHERE id = ?", (reason, lease_id))
+            return _lease(db.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone())
+
+    def revoke_lease(self, lease_id: str) -> Lease | None:
+        with self._transaction(durable=False) as db:
+            row = db.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
+            if row is None or not self._end_lease(db, _lease(row), LeaseState.REVOKED, failed=False):
+                return None
             return _lease(db.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone())
 
     def accept_copy(self, lease: Lease, s0: float, s1_file: str) -> None:

@@ -254,6 +254,35 @@ class StoreConformance:
         copy = store.copies(job, 1)[lease.k]
         assert (copy.state, copy.lease_id, copy.failures, copy.leases) == (CopyState.PENDING, None, int(failed), 1)
 
+    def test_a_revoked_lease_gives_its_copy_back_without_a_failure(self, store):
+        job = self.running_job(store)
+        lease = store.grant_lease("lease-a", job, 1, "h", TTL, None)
+        assert store.revoke_lease(lease.id).state is LeaseState.REVOKED
+        assert store.revoke_lease(lease.id) is None and store.revoke_lease("nope") is None
+        copy = store.copies(job, 1)[lease.k]
+        assert (copy.state, copy.lease_id, copy.failures) == (CopyState.PENDING, None, 0)
+        assert not store.extend_lease(lease.id, TTL)
+
+    def test_revoking_a_label_ends_its_tokens_and_their_live_leases_only(self, store):
+        job, other = self.running_job(store), self.running_job(store, "job-2")
+        for token_hash, job_id, label in [("h1", job, "hoarder"), ("h2", job, "hoarder"), ("h3", job, "honest"),
+                                          ("h4", other, "hoarder")]:
+            store.insert_token(token_hash, job_id, label, "p")
+        done = store.grant_lease("lease-d", job, 1, "h1", TTL, None)
+        store.accept_copy(done, 1.0, "s1_1.safetensors")
+        live = store.grant_lease("lease-a", job, 1, "h2", TTL, None)
+        kept = store.grant_lease("lease-b", job, 1, "h3", TTL, None)
+        elsewhere = store.grant_lease("lease-c", other, 1, "h4", TTL, None)
+        revoked, ended = store.revoke_tokens(job, "hoarder")
+        assert revoked == 2 and [(l.id, l.state) for l in ended] == [("lease-a", LeaseState.REVOKED)]
+        assert store.token_job("h1") is None and store.token_job("h2") is None
+        assert store.token_job("h3") == job and store.token_job("h4") == other
+        assert store.copies(job, 1)[live.k].state is CopyState.PENDING
+        assert store.lease(done.id).state is LeaseState.DONE
+        assert store.lease(kept.id).state is store.lease(elsewhere.id).state is LeaseState.ACTIVE
+        assert store.token_parties(job) == {"p": 3}  # revoked tokens still count for the privacy report
+        assert store.revoke_tokens(job, "hoarder") == (0, [])
+
     def test_an_accepted_copy_commits_s0_s1_and_states_together(self, store, clock):
         job = self.running_job(store)
         lease = store.grant_lease("lease-a", job, 1, "h", TTL, None)
