@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import signal
 
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -145,4 +146,7 @@ def serve(app: FastAPI, settings: ServerSettings, **uvicorn_options) -> None:
         ssl_certfile=str(settings.tls_certfile) if settings.tls_certfile else None,
         ssl_keyfile=str(settings.tls_keyfile) if settings.tls_keyfile else None, **uvicorn_options,
     )
+    # uvicorn re-raises the signal that stopped it once it has shut down, under the handler that was
+    # there before; a SIGTERM has been honoured by then, so that handler lets the process exit 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.Server(config).run()

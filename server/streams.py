@@ -9,7 +9,8 @@ turn in order, holding nothing but a coroutine.
 
 However a stream ends — complete, the client gone (`http.disconnect`), cut off for not reading
 (the connection guard's send timeout, `serving.py`), or the server shutting down — its generator is
-closed at once (its `finally` runs) and its slot freed: never left to the garbage collector.
+closed (its `finally` runs) and its slot freed at once, or as soon as the chunk being generated is
+done: never left to the garbage collector.
 One stream per lease at a time: a second download of a lease while one is open is refused (409).
 """
 
@@ -70,7 +71,10 @@ class Slots:
             self._waiters.remove(waiter)
             self._take(waiter[0])
         key, loop, future = waiter
-        loop.call_soon_threadsafe(self._hand_over, key, future)
+        try:
+            loop.call_soon_threadsafe(self._hand_over, key, future)
+        except RuntimeError:  # its loop has closed (the server is shutting down): to the next one
+            self.release(key)
 
     def _take(self, key: str) -> None:
         self._free -= 1
@@ -146,8 +150,7 @@ class _CopyResponse(Response):
                     pass
                 group.cancel_scope.cancel()  # the client went away: stop generating
         finally:
-            with anyio.CancelScope(shield=True):
-                await self._end()
+            self._end()
 
     async def _pump(self, send: Send) -> None:
         await self.streams.slots.acquire(self.holder)
@@ -155,28 +158,30 @@ class _CopyResponse(Response):
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         while (chunk := await self._next()) is not None:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await self._end()  # before the last message: a client that has every byte may download again at once
+        self._end()  # before the last message: a client that has every byte may download again at once
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _next(self) -> bytes | None:
         self._in_flight = self.streams.threads.submit(next, self.chunks, None)
         return await asyncio.wrap_future(self._in_flight)
 
-    async def _end(self) -> None:
-        """Close the generator (after its chunk in flight, if any: a running generator cannot be
-        closed), free the slot and the lease; once."""
+    def _end(self) -> None:
+        """Close the generator, free the slot and the lease; once. A chunk still being generated
+        (a running generator cannot be closed) is left to finish on its copy thread, which then
+        closes the generator: nothing here waits, so neither a cancellation nor the loop's end can
+        skip it."""
         if self._ended:
             return
         self._ended = True
+        if self._in_flight is not None and not self._in_flight.cancel():
+            self._in_flight.add_done_callback(lambda _: self._close())  # runs now if it is done already
+        else:
+            self._close()
+
+    def _close(self) -> None:
         try:
-            if self._in_flight is not None and not self._in_flight.cancel():
-                await asyncio.wrap_future(self._in_flight)
-        except Exception:
-            pass  # the chunk's own error is the generator's business; it is closed next
+            _close(self.chunks)
         finally:
-            try:
-                _close(self.chunks)
-            finally:
-                if self._has_slot:
-                    self.streams.slots.release(self.holder)
-                self.streams._ended(self.lease_id)
+            if self._has_slot:
+                self.streams.slots.release(self.holder)
+            self.streams._ended(self.lease_id)

@@ -214,3 +214,26 @@ def test_idle_sockets_past_the_cap_make_room_for_a_new_client(tmp_path):
             assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
         dropped = [i for i, sock in enumerate(idle) if closed_by_server(sock, within_s=0.2)]
         assert dropped and min(dropped) == 0  # the longest idle went first
+
+
+def test_sigterm_ends_the_server_while_a_copy_stream_is_open(tmp_path, big_model_dir):
+    """SIGTERM: the server stops accepting at once, lets the open stream run for the grace period,
+    then ends it and exits 0 (it used to wait for the stalled stream for ever)."""
+    with pum_server(tmp_path, shutdown_grace_s=2, send_timeout_s=600) as server, ExitStack() as stack:
+        _, (token, _) = started_job(server, big_model_dir, copies=2)
+        with worker(server, token) as w:
+            stalled = stack.enter_context(stalled_download(server, token, lease_of(w)))
+        time.sleep(1.0)
+        sent = time.monotonic()
+        server.process.terminate()
+        time.sleep(0.5)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{server.url}/healthz", timeout=2)
+        assert server.process.wait(timeout=60) == 0
+        took = time.monotonic() - sent
+        assert 1.5 <= took < 60, took  # the grace period, then the end
+        assert closed_by_server(stalled, within_s=5)
+        log = (tmp_path / "server.log").read_text()
+        assert "Cancel 1 running task(s), timeout graceful shutdown exceeded" in log
+        # the one traceback is uvicorn's report of the task it cancelled, nothing of the stream's own
+        assert log.count("Traceback") == log.count("CancelledError: Task cancelled, timeout graceful shutdown exceeded")
