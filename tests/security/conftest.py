@@ -134,3 +134,18 @@ def state_db():
     from types import SimpleNamespace
 
     return SimpleNamespace(connect=read_only_db, lease_copies=lease_copies)
+
+
+@pytest.fixture(scope="module")
+def big_model_dir(tmp_path_factory) -> Path:
+    """A random-init Llama whose copy (about 17 MB) cannot hide in loopback's socket buffers (4 MiB):
+    a download that is not read stalls the server's send."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=16384, hidden_size=128, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=256, tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("big") / "model"
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path

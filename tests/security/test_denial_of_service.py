@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from pum.client.admin import AdminAPI
 from pum.client.cli import http_client
@@ -21,19 +20,6 @@ from pum.demo.cluster import LocalServer
 
 pytestmark = pytest.mark.e2e
 RECV_BUFFER = 4096  # a stalled reader's receive window: the server's send buffer fills after a few MiB
-
-
-@pytest.fixture(scope="module")
-def big_model_dir(tmp_path_factory) -> Path:
-    """A random-init Llama whose copy (about 17 MB) cannot hide in loopback's socket buffers (4 MiB)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=16384, hidden_size=128, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=2, intermediate_size=256, tie_word_embeddings=False)
-    path = tmp_path_factory.mktemp("big") / "model"
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
 
 
 @contextmanager
