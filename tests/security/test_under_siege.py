@@ -106,8 +106,9 @@ def test_a_worker_finishes_its_job_under_stalled_downloads_and_idle_sockets(tmp_
             admin.action(bait, JobAction.START)
             with worker(server, hoarder) as h:
                 leases = [lease_of(h) for _ in range(STALLED)]
-            for lease in leases:
-                stack.callback(stalled_download(server, hoarder, lease).close)
+            stalled = [stalled_download(server, hoarder, lease) for lease in leases]
+            for sock in stalled:
+                stack.callback(sock.close)
             idle = []
             for _ in range(IDLE):  # and 1,000 connections that never send a byte
                 sock = socket.create_connection(("127.0.0.1", server.port))
@@ -134,12 +135,24 @@ def test_a_worker_finishes_its_job_under_stalled_downloads_and_idle_sockets(tmp_
             assert all(c.state is CopyState.ACCEPTED for c in status.rounds[0].copies)
             still_open = sum(1 for sock in idle if _open(sock))
             assert still_open >= IDLE * 0.95  # the siege held for the whole run
+            assert not [first for first in map(_first_bytes, stalled) if first.startswith(b"HTTP/1.1 5")]
+            log = server.log.read_text()
+            assert "Too many open files" not in log and "out of system resource" not in log
             assert not watch.failures, watch.failures[:5]
             assert len(watch.latencies) > 20 and max(watch.latencies) < 1.0, sorted(watch.latencies)[-5:]
             print(f"healthz: {len(watch.latencies)} answers, median {sorted(watch.latencies)[len(watch.latencies) // 2]:.4f} s, "
                   f"max {max(watch.latencies):.3f} s; idle sockets still open {still_open}")
     finally:
         server.stop()
+
+
+def _first_bytes(sock: socket.socket) -> bytes:
+    """The start of what the server has sent on `sock` so far (b"" while the download waits for a slot)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(12, socket.MSG_PEEK)
+    except (BlockingIOError, OSError):
+        return b""
 
 
 def _open(sock: socket.socket) -> bool:
