@@ -13,11 +13,11 @@ body may come at all, how large it may be and how long it may take.
 
 from __future__ import annotations
 
+import re
 import time
 
 import anyio
 from starlette.responses import JSONResponse
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pum.common.errors import PayloadTooLarge, PumError, RequestTimeout, Unauthorized
@@ -26,7 +26,8 @@ from pum.common.schemas import ErrorBody
 from .auth import is_admin
 from .tokens import hash_token
 
-STREAMED = frozenset({"upload_delta"})  # routes whose handler reads (and bounds) its body as a stream
+# Routes whose handler reads (and bounds) its body as a stream, by method and path.
+STREAMED = (("PUT", re.compile(r"/v1/work/leases/[^/]+/delta")),)
 
 
 class RequestGate:
@@ -39,7 +40,7 @@ class RequestGate:
         try:
             if scope["path"].startswith("/v1/"):
                 await _check_token(scope)
-            if _route_name(scope) in STREAMED:
+            if _streamed(scope):
                 return await self.app(scope, receive, send)
             body = await self._read_body(scope, receive)
         except PumError as err:
@@ -100,12 +101,8 @@ def _has_body(scope: Scope) -> bool:
     return _header(scope, b"transfer-encoding") is not None or (length is not None and length.strip() not in ("", "0"))
 
 
-def _route_name(scope: Scope) -> str | None:
-    for route in scope["app"].router.routes:
-        match, _ = route.matches(scope)
-        if match is Match.FULL:
-            return getattr(route, "name", None)
-    return None
+def _streamed(scope: Scope) -> bool:
+    return any(scope["method"] == method and path.fullmatch(scope["path"]) for method, path in STREAMED)
 
 
 async def _check_token(scope: Scope) -> None:

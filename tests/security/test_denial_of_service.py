@@ -180,10 +180,8 @@ def test_a_large_body_is_refused_before_it_is_read(tmp_path, tiny_model_dir):
             sock = stack.enter_context(raw(server, (
                 f"POST /v1/jobs HTTP/1.1\r\nHost: pum\r\n{auth}Content-Type: application/json\r\n"
                 f"Content-Length: {big}\r\n\r\n").encode() + b"[" * 65536))
-            start = time.monotonic()
-            answer = reply(sock, timeout_s=10)
+            answer = reply(sock, timeout_s=10)  # b"" if the server waited for the body
             assert status in answer.split(b"\r\n")[0], (bearer, answer[:300])
-            assert time.monotonic() - start < 10
         # the JSON cap holds for a chunked body (no Content-Length) too
         sock = stack.enter_context(raw(server, (
             f"POST /v1/jobs HTTP/1.1\r\nHost: pum\r\nAuthorization: Bearer {server.admin_token}\r\n"
@@ -210,16 +208,13 @@ def test_sigterm_ends_the_server_while_a_copy_stream_is_open(tmp_path, big_model
         with worker(server, token) as w:
             stalled = stack.enter_context(stalled_download(server, token, lease_of(w)))
         time.sleep(1.0)
-        sent = time.monotonic()
         server.process.terminate()
         time.sleep(0.5)
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{server.url}/healthz", timeout=2)
         assert server.process.wait(timeout=60) == 0
-        took = time.monotonic() - sent
-        assert 1.5 <= took < 60, took  # the grace period, then the end
         assert closed_by_server(stalled, within_s=5)
         log = (tmp_path / "server.log").read_text()
-        assert "Cancel 1 running task(s), timeout graceful shutdown exceeded" in log
+        assert "Cancel 1 running task(s), timeout graceful shutdown exceeded" in log  # the grace ran out, the stream open
         # the one traceback is uvicorn's report of the task it cancelled, nothing of the stream's own
         assert log.count("Traceback") == log.count("CancelledError: Task cancelled, timeout graceful shutdown exceeded")
