@@ -1,11 +1,11 @@
-"""Benchmark: lease, heartbeat-free admin and /healthz latency under a siege, against the same server idle.
+"""Benchmark: lease, admin and /healthz latency under a siege, against the same server idle.
 
 Starts a real `pum server` (uvicorn) on 127.0.0.1 with a 17 MB-copy model. Phase 1, idle: a probe
 times --probes rounds of (GET /healthz on a fresh connection, lease + give back, admin status).
 Phase 2, siege: one token holds --stalled leases of a bait job and downloads each copy with a
 4 KiB receive window it never reads, and --idle sockets connect and send nothing; the probe
-repeats phase 1, then one honest copy download is timed (it waits at most send_timeout_s for a
-copy slot). Prints p50/p99/max of both phases and their ratio, then one JSON object.
+repeats phase 1, then another token's copy download is timed (slots go first to the token that
+holds fewest, so it waits at most send_timeout_s for one). Prints p50/p99/max of both phases and their ratio, then one JSON object.
 
     python bench/copy_siege.py [--stalled 40] [--idle 1000] [--probes 100] [--send-timeout 5]
 """
@@ -44,7 +44,7 @@ def probe(server: LocalServer, admin: httpx.Client, token: str, job: str, rounds
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as w:
         for _ in range(rounds):
             start = time.perf_counter()
-            httpx.get(f"{server.url}/healthz", timeout=30).raise_for_status()
+            assert healthz(server.port).startswith(b"HTTP/1.1 200")
             times["healthz"].append(time.perf_counter() - start)
             start = time.perf_counter()
             lease = w.post("/v1/work/lease").json()["lease_id"]
@@ -54,6 +54,16 @@ def probe(server: LocalServer, admin: httpx.Client, token: str, job: str, rounds
             admin.get(f"/v1/jobs/{job}").raise_for_status()
             times["admin"].append(time.perf_counter() - start)
     return times
+
+
+def healthz(port: int) -> bytes:
+    """GET /healthz on a fresh connection (what a new client meets: accept, parse, answer)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    return answer
 
 
 def summary(times: list[float]) -> dict[str, float]:
@@ -90,10 +100,11 @@ def main() -> None:
             idle = probe(server, admin, probe_token, probe_job, args.probes)
 
             bait, hoarder = job("bait", args.stalled + 1)
+            honest = admin.post(f"/v1/jobs/{bait}/tokens", json={"label": "honest"}).json()["token"]
             held = []
             with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {hoarder}"}) as h:
-                leases = [h.post("/v1/work/lease").json()["lease_id"] for _ in range(args.stalled + 1)]
-            for lease in leases[:-1]:
+                leases = [h.post("/v1/work/lease").json()["lease_id"] for _ in range(args.stalled)]
+            for lease in leases:
                 sock = socket.socket()
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
                 sock.connect(("127.0.0.1", server.port))
@@ -103,9 +114,10 @@ def main() -> None:
             held += [socket.create_connection(("127.0.0.1", server.port)) for _ in range(args.idle)]
             time.sleep(1.0)
             busy = probe(server, admin, probe_token, probe_job, args.probes)
-            start = time.perf_counter()
-            with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {hoarder}"}, timeout=120) as h:
-                size = len(h.get(f"/v1/work/leases/{leases[-1]}/copy").content)
+            with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {honest}"}, timeout=120) as w:
+                mine = w.post("/v1/work/lease").json()["lease_id"]
+                start = time.perf_counter()
+                size = len(w.get(f"/v1/work/leases/{mine}/copy").content)
             honest_s = time.perf_counter() - start
             for sock in held:
                 sock.close()
