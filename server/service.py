@@ -113,7 +113,10 @@ class JobService:
         return issue_token(self.context, job_id, label, party)
 
     def revoke_tokens(self, job_id: str, label: str) -> Revoked:
-        return revoke_tokens(self.context, job_id, label)
+        """Revoke the job's tokens of this label, end their leases and the downloads of those leases."""
+        revoked = revoke_tokens(self.context, job_id, label)
+        self.work.streams.cut(revoked.leases)
+        return revoked
 
     def close(self) -> None:
         self.uploads.close()

@@ -93,7 +93,7 @@ class CopyStreams:
     def __init__(self, copies_at_once: int):
         self.slots = Slots(copies_at_once)
         self.threads = ThreadPoolExecutor(copies_at_once, "pum-copy")
-        self._open: set[str] = set()
+        self._open: dict[str, _CopyResponse] = {}  # by lease
         self._guard = threading.Lock()
 
     @property
@@ -111,12 +111,20 @@ class CopyStreams:
                 _close(chunks)
                 raise Conflict(f"lease {lease_id} is already downloading its copy: one download per lease "
                                "at a time (a cut download is resumed with Range once it has ended)")
-            self._open.add(lease_id)
-        return _CopyResponse(self, lease_id, holder, chunks, size, status_code, headers or {})
+            response = self._open[lease_id] = _CopyResponse(self, lease_id, holder, chunks, size, status_code,
+                                                            headers or {})
+        return response
+
+    def cut(self, lease_ids: list[str]) -> None:
+        """End the open streams of these leases (revoked: their slots go to other workers now)."""
+        with self._guard:
+            responses = [self._open[lease] for lease in lease_ids if lease in self._open]
+        for response in responses:
+            response.cut()
 
     def _ended(self, lease_id: str) -> None:
         with self._guard:
-            self._open.discard(lease_id)
+            self._open.pop(lease_id, None)
 
     def close(self) -> None:
         self.threads.shutdown(wait=True, cancel_futures=True)
@@ -136,11 +144,23 @@ class _CopyResponse(Response):
         super().__init__(None, status_code, {"Content-Length": str(size), **headers})
         self.streams, self.lease_id, self.holder, self.chunks = streams, lease_id, holder, chunks
         self._in_flight: Future | None = None
-        self._has_slot = self._ended = False
+        self._has_slot = self._ended = self._cut = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._cancel: anyio.CancelScope | None = None
+
+    def cut(self) -> None:
+        """End the stream from any thread (a revoked lease); the connection is dropped unfinished."""
+        if self._cancel is not None:
+            self._loop.call_soon_threadsafe(self._cancel.cancel)
+        else:
+            self._cut = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             async with anyio.create_task_group() as group:
+                self._loop, self._cancel = asyncio.get_running_loop(), group.cancel_scope
+                if self._cut:
+                    group.cancel_scope.cancel()
                 async def pump() -> None:
                     await self._pump(send)
                     group.cancel_scope.cancel()

@@ -79,6 +79,7 @@ class WorkProtocol:
             raise NotFound(f"job {job_id} has no lease {lease_id[:40]!r}: GET /v1/jobs/{job_id} lists its copies")
         if self.ctx.store.revoke_lease(lease.id) is None:
             raise Conflict(f"lease {lease.id} is {self.ctx.store.lease(lease.id).state}: only an active lease is revoked")
+        self.streams.cut([lease.id])
         log.warning("job %s: %s revoked by the admin; its copy goes back to the pool", job_id, lease.id)
         return Revoked(job_id=job_id, leases=[lease.id])
 

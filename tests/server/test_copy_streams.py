@@ -139,3 +139,22 @@ def test_slots_go_first_to_the_token_that_holds_fewest():
         assert slots._free == 2 and not slots._held
 
     asyncio.run(run())
+
+
+def test_a_cut_stream_ends_and_frees_its_slot():
+    """A revoked lease's download ends at once (cut from another thread), freeing its slot."""
+    streams, chunks = CopyStreams(1), Chunks()
+    client = Client(reads=3)
+    stalled = asyncio.Event()
+    client.gone.set = stalled.set  # it stops reading but never goes away: only the cut can end it
+
+    async def run():
+        task = asyncio.ensure_future(stream(streams, client, chunks))
+        await stalled.wait()
+        assert streams.open == 1 and streams.slots._free == 0
+        await asyncio.to_thread(streams.cut, ["L1", "L-other"])
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(run())
+    streams.close()
+    assert chunks.closed and streams.open == 0 and streams.slots._free == 1
