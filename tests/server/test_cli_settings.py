@@ -16,6 +16,8 @@ VALUES = {
     "admin_token": "token-from-a-file", "dev_mode": True, "lease_ttl_s": 33.5, "upload_idle_timeout_s": 12.5,
     "max_header_bytes": 4096, "max_concurrent_copies": 3, "upload_threads": 4, "torch_threads": 2,
     "tls_certfile": Path("/srv/pum/cert.pem"), "tls_keyfile": Path("/srv/pum/key.pem"), "device": "cuda:1",
+    "send_timeout_s": 4.5, "header_timeout_s": 2.5, "body_timeout_s": 6.0, "max_json_body_bytes": 65536,
+    "max_connections": 300, "lease_max_age_s": 3600.0, "shutdown_grace_s": 1.5,
 }
 
 
