@@ -123,9 +123,13 @@ def test_a_second_server_on_the_same_state_folder_exits_2_and_the_first_keeps_it
             lease, copy = lease_copy(api)
             half_sent, go_on, outcome, uploader = upload_in_two_halves(api, lease, deterministic_delta(copy))
             assert half_sent.wait(30)
-            spool = state / "jobs" / job / "spool"
-            until(lambda: spool.is_dir() and any(spool.iterdir()), "the first server spools the upload")
-            in_flight = sorted(p.name for p in spool.iterdir())
+            round_dir = state / "jobs" / job / "rounds" / "r1"  # an upload is written there, hidden until kept
+
+            def writes() -> list[str]:
+                return sorted(p.name for p in round_dir.glob(".upload_*.tmp")) if round_dir.is_dir() else []
+
+            until(writes, "the first server writes the upload")
+            in_flight = writes()
 
             second = subprocess.Popen(
                 [*PUM_CLI, "server", "--state-dir", str(state), "--saves-dir", str(saves), "--port", str(free_port()),
@@ -137,7 +141,7 @@ def test_a_second_server_on_the_same_state_folder_exits_2_and_the_first_keeps_it
                 output, _ = second.communicate()
             assert second.returncode == 2, output[-2000:]
             assert f"pid {first.process.pid}" in output and str(state.resolve()) in output
-            assert sorted(p.name for p in spool.iterdir()) == in_flight  # it deleted nothing
+            assert writes() == in_flight  # it deleted nothing
 
             go_on.set()
             uploader.join(60)
