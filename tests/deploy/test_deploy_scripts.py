@@ -183,33 +183,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_healthcheck_script_against_a_live_server(tmp_path):
-    import uvicorn
-
-    from pum.server.app import create_app
+def test_healthcheck_script_against_a_live_server(tmp_path, serve_app):
     from pum.server.config import ServerSettings
 
-    port = _free_port()
-    app = create_app(ServerSettings(dev_mode=True, state_dir=tmp_path))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert server.started
+    def probe(url: str) -> int:
+        return subprocess.run([sys.executable, str(DEPLOY / "healthcheck.py"), url], timeout=30).returncode
 
-        def probe(url: str) -> int:
-            return subprocess.run([sys.executable, str(DEPLOY / "healthcheck.py"), url], timeout=30).returncode
-
-        assert probe(f"http://127.0.0.1:{port}/healthz") == 0
-        assert probe(f"http://127.0.0.1:{port}/no-such-route") == 1
-        assert probe(f"https://127.0.0.1:{port}/healthz") == 1  # TLS to a plain-HTTP port
-        assert probe(f"http://127.0.0.1:{_free_port()}/healthz") == 1  # nothing listening
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serve_app(ServerSettings(dev_mode=True, state_dir=tmp_path)) as url:
+        assert probe(f"{url}/healthz") == 0
+        assert probe(f"{url}/no-such-route") == 1
+        assert probe(url.replace("http://", "https://") + "/healthz") == 1  # TLS to a plain-HTTP port
+    assert probe(f"http://127.0.0.1:{_free_port()}/healthz") == 1  # nothing listening
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
