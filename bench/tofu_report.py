@@ -101,7 +101,7 @@ def reference_table(results: dict) -> str:
 
 def law_table(grouped: dict, splits: list[str], methods: list[str], m: int) -> tuple[str, list[str]]:
     """κ = 0 at m copies against the baseline, and the (split, method)s outside the seed spread."""
-    lines = [f"| split | method | R | seeds | baseline MU | PUM MU | max \\|ΔMU\\| | baseline log10 FQ | PUM log10 FQ | "
+    lines = ["| split | method | R | seeds | baseline MU | PUM MU | max \\|ΔMU\\| | baseline log10 FQ | PUM log10 FQ | "
              "baseline forget P̄ | PUM forget P̄ | within spread |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     outside = []
