@@ -17,7 +17,6 @@ from pum.common.schemas import (
 from pum.common.states import END_STATES, JobAction
 
 from .api import parse, raise_for_status
-from .job_file import load_job_file  # noqa: F401  (re-exported: callers import it from here)
 from .progress import BarFactory, byte_bar
 
 _JOB_LIST = TypeAdapter(list[JobSummary])

@@ -219,7 +219,8 @@ def run_unlearn(args: argparse.Namespace) -> int:
 
 
 def run_admin(args: argparse.Namespace) -> int:
-    from .admin import AdminAPI, load_job_file
+    from .admin import AdminAPI
+    from .job_file import load_job_file
     from .progress import WaitProgress, byte_bar
 
     with http_client(args.server, args.token, args.ca_file) as http:

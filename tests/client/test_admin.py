@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from pum.client.admin import AdminAPI, load_job_file
+from pum.client.admin import AdminAPI
+from pum.client.job_file import load_job_file
 from pum.common.errors import Conflict, InvalidInput
 from pum.common.schemas import JobStatus
 from pum.common.states import JobAction, JobState

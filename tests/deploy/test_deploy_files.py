@@ -198,7 +198,7 @@ def test_paths_the_processes_use_are_mounted(files, request):
 
 
 def test_job_file_loads():
-    from pum.client.admin import load_job_file
+    from pum.client.job_file import load_job_file
 
     assert job_problems(DEPLOY / "job.demo.yaml") == []
     assert job_problems(DEPLOY / "job.cpu.yaml") == []

@@ -169,7 +169,7 @@ def dependency_problems(compose: dict) -> list[str]:
 
 def container_path_problems(compose: dict) -> list[str]:
     """Paths the processes use live on mounts: server state and saves, the job's model, the workers' data."""
-    from pum.client.admin import load_job_file
+    from pum.client.job_file import load_job_file
 
     problems = []
     for name in server_services(compose):
@@ -197,7 +197,7 @@ def container_path_problems(compose: dict) -> list[str]:
 
 def job_problems(job_file: Path) -> list[str]:
     """The job loads like `pum admin create` loads it, and its hyperparams configure the workers' trainer."""
-    from pum.client.admin import load_job_file
+    from pum.client.job_file import load_job_file
     from pum.client.trainer import TrainConfig
     from pum.common.errors import PumError
     from pum.common.schemas import TaskSpec
