@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch; a looser pin would pull a multi-GB CUDA build on this machine.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv demo test test-fast bench bench-tofu clean
+.PHONY: venv demo test test-fast test-slow bench bench-tofu clean
 
 venv: $(BIN)/pum
 
@@ -22,10 +22,14 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest
 
-# Every test that starts no process (the e2e ones do: tests/test_tiers.py checks the marks), on two
-# processes (pytest-xdist): about 85 s of CPU in all.
+# Every test that starts no process (the e2e ones do: tests/test_tiers.py checks the marks) and runs no
+# whole pipeline for tens of seconds (the slow ones), on two processes (pytest-xdist).
 test-fast: venv
-	$(BIN)/python -m pytest -m "not e2e" -n 2
+	$(BIN)/python -m pytest -m "not e2e and not slow" -n 2
+
+# The in-process pipelines test-fast leaves out (the TOFU benchmark, schemathesis's fuzzing); make test runs them too.
+test-slow: venv
+	$(BIN)/python -m pytest -m "slow and not e2e"
 
 bench: venv
 	$(BIN)/python bench/server_memory.py

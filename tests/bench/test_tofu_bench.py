@@ -4,6 +4,8 @@ The data is the real TOFU forget01 split (all 40 forget questions) with a trimme
 trimmed general-knowledge sets: TEST_SPEC models (base, target, retain99) build in seconds on them.
 Evaluation reads the first few records of each split (--max-items) and generates a few tokens. The
 benchmark's PUM runs go through the real server app and Worker objects in one process.
+The tests that need the CPU models or the benchmark's output (about 30 s of building and running
+before the first of them) are marked `slow`: the full suite runs them, `make test-fast` does not.
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ def bench_out(tofu_bench, cpu_models, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_bench_writes_one_record_per_run_with_the_schema(bench_out, tofu_bench):
     results = json.loads((bench_out / "results.json").read_text())
     records = results["records"]
@@ -122,6 +125,7 @@ def test_bench_writes_one_record_per_run_with_the_schema(bench_out, tofu_bench):
     assert {"retain", "target", "base"} <= set(results["references"]["forget01"])
 
 
+@pytest.mark.slow
 def test_pum_at_kappa_zero_scores_as_the_baseline_seed_by_seed(bench_out):
     """The κ = 0 law, end to end through the benchmark: the same numbers as the baseline of the same seed."""
     records = json.loads((bench_out / "results.json").read_text())["records"]
@@ -133,6 +137,7 @@ def test_pum_at_kappa_zero_scores_as_the_baseline_seed_by_seed(bench_out):
         assert pum["forget_quality"] == pytest.approx(base["forget_quality"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_bench_report_and_plot(bench_out):
     report = (bench_out / "report.md").read_text()
     assert "## κ = 0, m = 2: PUM against the baseline's seed spread" in report
@@ -143,6 +148,7 @@ def test_bench_report_and_plot(bench_out):
         assert (bench_out / "quality.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_bench_resumes_and_adds_runs(tofu_bench, bench_out, cpu_models):
     """A second invocation keeps every run already in results.json and adds only the new ones."""
     data, cache = cpu_models
@@ -235,6 +241,7 @@ def test_degradation_is_paired_by_seed_and_flags_more_than_one_percent(tofu_repo
     assert "More than 1 % model utility lost at κ = 0.1: forget10 NPO m=4: -3.0 %." in text
 
 
+@pytest.mark.slow
 def test_print_models_gives_shell_assignments(tofu_bench, cpu_models, capsys):
     """What the scripts eval when MODEL_DIR is not set: the cached CPU models' folders, the base included."""
     data, cache = cpu_models
@@ -247,6 +254,7 @@ def test_print_models_gives_shell_assignments(tofu_bench, cpu_models, capsys):
     assert all((p / "config.json").is_file() for p in (target, retain, base))
 
 
+@pytest.mark.slow
 def test_cpu_models_start_from_one_base(cpu_models):
     """Target and retain are fine-tuned from the same base weights: their task vectors θ − θ_base are small."""
     import torch

@@ -41,6 +41,7 @@ FUZZ_SETTINGS = settings(
 )
 
 
+@pytest.mark.slow  # 15–20 s of fuzzing: the full suite runs it, make test-fast does not
 def test_every_operation_survives_fuzzing(server, tiny_model_dir):
     job = server.create_job(tiny_model_dir, {"copies_m": 2, "rounds_R": 1})
     worker_token = server.token(job)

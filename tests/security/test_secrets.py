@@ -72,7 +72,7 @@ class Scanner:
         hits = {label for pattern, label in self.exact.items() if pattern in haystack}
         for width, table in self.windows.items():
             seen = {haystack[i:i + width] for i in range(len(haystack) - width + 1)}
-            hits |= {table[w] for w in seen.intersection(table)}
+            hits |= {table[w] for w in seen if w in table}  # not seen.intersection(table): that walks the whole table
         return hits
 
 
