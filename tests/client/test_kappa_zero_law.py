@@ -3,7 +3,8 @@ model itself, so PUM with R rounds must reproduce the baseline — the same meth
 
 Every method of the registry, with AdamW and with SGD, runs as a real job on the in-process server
 (the app through TestClient) with real Worker objects, and is compared with `run_unlearning` on
-the same model, data and hyperparameters. One job goes over real HTTP (uvicorn on 127.0.0.1).
+the same model, data and hyperparameters. (`make test-fast` runs each method with one of the two
+optimizers; the full suite runs both.) One job goes over real HTTP (uvicorn on 127.0.0.1).
 m = 2 copies and R = 3 rounds over T = 7 steps (2 + 2 + 3) with warm-up and linear decay: each
 round continues the one batch stream and schedule, each copy of round r starts from the optimiser
 state at the end of round r − 1 (a worker that does both copies of a round must not chain them),
@@ -91,8 +92,20 @@ def run_pum(server, model_dir, method, optimizer, forget, retain, tmp_path, work
     return load_file(f"{status['output_dir']}/model.safetensors")
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-@pytest.mark.parametrize("method", available_methods())
+def method_optimizer_grid() -> list:
+    """Every method with both optimizers. Each method runs once in `make test-fast`, the optimizers
+    alternating over the sorted names (NPO with AdamW runs in the tests below); the other half of the
+    grid is marked slow, so the full suite runs the whole cross product."""
+    grid = []
+    for i, method in enumerate(available_methods()):
+        fast = "adamw" if i % 2 else "sgd"
+        for optimizer in ("adamw", "sgd"):
+            marks = () if optimizer == fast else pytest.mark.slow
+            grid.append(pytest.param(method, optimizer, marks=marks, id=f"{method}-{optimizer}"))
+    return grid
+
+
+@pytest.mark.parametrize("method, optimizer", method_optimizer_grid())
 def test_pum_at_kappa_zero_is_the_baseline(server, trained_dir, tokenizer, forget_pairs, retain_pairs, tmp_path,
                                            method, optimizer):
     model_dir = trained_dir
