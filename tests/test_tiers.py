@@ -3,15 +3,22 @@
 - A test that starts a process or a server on a port — directly, through a helper of its module,
   or through a fixture — is marked `e2e`, so `make test-fast` (`pytest -m "not e2e"`) runs none.
 - No test asserts on a wall time: an elapsed time is a measurement for a benchmark script.
+- `make test-fast` leaves out `e2e` and `slow` (a whole pipeline in-process for tens of seconds);
+  `make test`, which `.ci/run` runs, deselects nothing. A `slow` mark is per test, never a whole
+  module's, so a module keeps its quick tests in the fast tier.
 """
 
 from __future__ import annotations
 
 import ast
 import functools
+import re
+import shlex
+import tomllib
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
 # What starts a process or a listening server in this repository.
 STARTERS = {"subprocess", "Popen", "LocalServer", "start_worker", "start_server_process", "uvicorn"}
 CLOCKS = {"perf_counter", "monotonic", "time"}
@@ -33,9 +40,31 @@ def _marks_e2e(decorators: list[ast.expr]) -> bool:
     return any("e2e" in _names(d) for d in decorators)
 
 
-def _module_e2e(tree: ast.Module) -> bool:
+def _module_marked(tree: ast.Module, mark: str) -> bool:
     return any(isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "pytestmark" for t in n.targets)
-               and "e2e" in _names(n.value) for n in tree.body)
+               and mark in _names(n.value) for n in tree.body)
+
+
+def _module_e2e(tree: ast.Module) -> bool:
+    return _module_marked(tree, "e2e")
+
+
+def make_recipe(makefile: str, target: str) -> list[list[str]]:
+    """The commands of a Makefile target, as argv (variables left as written)."""
+    block = re.search(rf"^{re.escape(target)}:.*\n((?:\t.*\n)*)", makefile, re.M)
+    assert block, f"no target {target}"
+    return [shlex.split(line) for line in block.group(1).splitlines()]
+
+
+def pytest_argv(recipe: list[list[str]]) -> list[str]:
+    """The arguments after `-m pytest` of the one pytest command of a recipe."""
+    runs = [argv[argv.index("pytest") + 1:] for argv in recipe if "pytest" in argv]
+    assert len(runs) == 1, recipe
+    return runs[0]
+
+
+def marker_expression(args: list[str]) -> str | None:
+    return args[args.index("-m") + 1] if "-m" in args else None
 
 
 def _functions(tree: ast.Module):
@@ -112,3 +141,27 @@ def test_the_checks_find_what_they_look_for():
     assert _starting(functions) == {"helper", "test_a"}
     asserts = [n for n in ast.walk(tree) if isinstance(n, ast.Assert)]
     assert any(isinstance(s, ast.BinOp) and _names(s) & CLOCKS for s in ast.walk(asserts[0].test))
+    assert _module_marked(ast.parse("pytestmark = [pytest.mark.slow]"), "slow")
+    assert not _module_marked(ast.parse("@pytest.mark.slow\ndef test_a(): pass"), "slow")
+    makefile = 'x:\n\t$(BIN)/python -m pytest -m "not e2e" -n 2\n\ty: z\n\nt:\n\techo\n'
+    assert pytest_argv(make_recipe(makefile, "x")) == ["-m", "not e2e", "-n", "2"]
+    assert marker_expression(pytest_argv(make_recipe(makefile, "x"))) == "not e2e"
+
+
+def test_the_fast_tier_leaves_out_e2e_and_slow_and_the_full_suite_runs_everything():
+    makefile = (REPO / "Makefile").read_text()
+    pytest_options = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert {m.split(":")[0] for m in pytest_options["markers"]} >= {"e2e", "slow"}
+    assert not {"-m", "-k", "--deselect", "--ignore"} & set(shlex.split(pytest_options["addopts"]))
+    assert marker_expression(pytest_argv(make_recipe(makefile, "test-fast"))) == "not e2e and not slow"
+    assert marker_expression(pytest_argv(make_recipe(makefile, "test-slow"))) == "slow and not e2e"
+    full = pytest_argv(make_recipe(makefile, "test"))
+    assert not {"-m", "-k", "--deselect", "--ignore", "-x"} & set(full), full
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == "make test"  # the README's test command, on everything
+    assert 'pytest -m "not e2e and not slow"' in (REPO / "README.md").read_text()
+
+
+def test_slow_marks_are_per_test():
+    offenders = [str(path.relative_to(TESTS)) for path, tree in _trees().items() if _module_marked(tree, "slow")]
+    assert not offenders, "mark the slow tests of these modules one by one:\n" + "\n".join(offenders)
