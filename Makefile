@@ -30,7 +30,8 @@ test: venv
 test-fast: venv
 	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -m "not e2e and not slow" -n 2 --dist worksteal
 
-# The in-process pipelines test-fast leaves out (the TOFU benchmark, schemathesis's fuzzing); make test runs them too.
+# The in-process pipelines test-fast leaves out (the TOFU benchmark, schemathesis's fuzzing, half of the
+# κ = 0 law's method × optimizer grid); make test runs them too.
 test-slow: venv
 	$(BIN)/python -m pytest -m "slow and not e2e"
 

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from pum.server.uploads import _check_values
+from pum.server.uploads import check_values
 
 
 def two_pass(name: str, tensor: torch.Tensor) -> None:
@@ -42,7 +42,7 @@ def main() -> None:
     per_tensor = 1024 * 2816  # a Llama MLP matrix of the 196 M model
     tensors = [torch.randn(per_tensor) * 1e-3 for _ in range(int(args.params) // per_tensor)]
     gb = sum(t.numel() for t in tensors) * 4 / 1e9
-    old, new = seconds(two_pass, tensors, args.repeat), seconds(_check_values, tensors, args.repeat)
+    old, new = seconds(two_pass, tensors, args.repeat), seconds(check_values, tensors, args.repeat)
     print(f"{gb:.2f} GB float32, one thread: two passes {old:.3f} s, aminmax {new:.3f} s, {old / new:.1f}× faster")
 
 

@@ -59,6 +59,16 @@ def group_sum_squares(names: list[str], read: Callable[[str], torch.Tensor]) -> 
     return sums
 
 
+def extremes(tensor: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of a tensor in one pass and without a tensor-sized temporary: NaN anywhere makes
+    both NaN, and ±inf shows at an end, so both are finite exactly when every value is; (0, 0) when empty.
+    (`isfinite(t).all()` plus `abs().max()` took 12× longer on a 196 M upload: bench/upload_checks.py.)"""
+    if not tensor.numel():
+        return 0.0, 0.0
+    low, high = torch.aminmax(tensor)
+    return low.item(), high.item()
+
+
 @dataclass(frozen=True)
 class WeightedUpdate:
     """One accepted copy's part of the step: Δ_k tensor by tensor (aligned, float32), its weight
@@ -89,6 +99,6 @@ def apply_merged(theta: SafetensorsFile, updates: list[WeightedUpdate], eta: flo
             for update in updates:
                 s1.add_(update.read(info.name), alpha=update.factor(info.name))
             merged = theta.read(info.name).to(torch.float32).add_(s1, alpha=eta / s0)
-            if merged.numel() and not all(math.isfinite(v.item()) for v in torch.aminmax(merged)):  # one pass
+            if not all(math.isfinite(v) for v in extremes(merged)):
                 raise ValueError(f"the step makes {info.name} non-finite: θ is left as it was")
             writer.write(info.name, merged)

@@ -45,10 +45,6 @@ def _module_marked(tree: ast.Module, mark: str) -> bool:
                and mark in _names(n.value) for n in tree.body)
 
 
-def _module_e2e(tree: ast.Module) -> bool:
-    return _module_marked(tree, "e2e")
-
-
 def make_recipe(makefile: str, target: str) -> list[list[str]]:
     """The commands of a Makefile target, as argv (variables left as written)."""
     block = re.search(rf"^{re.escape(target)}:.*\n((?:\t.*\n)*)", makefile, re.M)
@@ -112,7 +108,7 @@ def test_every_test_that_starts_a_process_is_marked_e2e():
             if not node.name.startswith("test_"):
                 continue
             uses = _names(node) & (STARTERS | starting)
-            if uses and not (_module_e2e(tree) or _marks_e2e(node.decorator_list) or _marks_e2e(class_decorators)):
+            if uses and not (_module_marked(tree, "e2e") or _marks_e2e(node.decorator_list) or _marks_e2e(class_decorators)):
                 offenders.append(f"{path.relative_to(TESTS)}::{node.name} (uses {sorted(uses)})")
     assert not offenders, "mark these e2e:\n" + "\n".join(offenders)
 

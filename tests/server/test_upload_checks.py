@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pum.common.errors import InvalidInput, RequestTimeout
-from pum.server.uploads import MAX_ABS_VALUE, _check_values, _idle_timeout
+from pum.server.uploads import MAX_ABS_VALUE, check_values, idle_timeout
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -21,13 +21,13 @@ def test_one_bad_value_anywhere_is_refused(dtype, bad, message):
         tensor = torch.zeros(1000, dtype=dtype)
         tensor[where] = bad
         with pytest.raises(InvalidInput, match=message):
-            _check_values("w", tensor)
+            check_values("w", tensor)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_finite_values_within_the_bound_pass(dtype):
-    _check_values("w", torch.tensor([-MAX_ABS_VALUE / 2, 0.0, MAX_ABS_VALUE / 2]).to(dtype))
-    _check_values("empty", torch.zeros(0, 3, dtype=dtype))
+    check_values("w", torch.tensor([-MAX_ABS_VALUE / 2, 0.0, MAX_ABS_VALUE / 2]).to(dtype))
+    check_values("empty", torch.zeros(0, 3, dtype=dtype))
 
 
 async def _collect(chunks, pause_s: float) -> list[bytes]:
@@ -43,7 +43,7 @@ def test_a_slow_consumer_is_not_a_silent_client():
         for i in range(3):
             yield bytes([i])
 
-    got = asyncio.run(_collect(_idle_timeout(prompt(), 0.05), pause_s=0.2))
+    got = asyncio.run(_collect(idle_timeout(prompt(), 0.05), pause_s=0.2))
     assert got == [b"\x00", b"\x01", b"\x02"]
 
 
@@ -54,4 +54,4 @@ def test_a_silent_client_times_out_between_chunks():
         yield b"b"
 
     with pytest.raises(RequestTimeout, match="nothing received for 0.1 s"):
-        asyncio.run(_collect(_idle_timeout(silent_after_one(), 0.1), pause_s=0))
+        asyncio.run(_collect(idle_timeout(silent_after_one(), 0.1), pause_s=0))
