@@ -22,16 +22,16 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest
 
-# Every test that starts no process (the e2e ones do: tests/test_tiers.py checks the marks) and runs no
-# whole pipeline for tens of seconds (the slow ones), on two processes (pytest-xdist) that steal work
-# from each other (measured faster than --dist load or loadfile here). Compiled and assertion-rewritten
-# modules are kept in __pycache__ (git-ignored) even where the environment sets PYTHONDONTWRITEBYTECODE:
-# each process then starts ~4 s sooner from the second run on.
+# Every test that starts no process (the e2e ones do: tests/test_tiers.py checks the marks) and is not
+# marked slow, on two processes (pytest-xdist) that steal work from each other (measured faster than
+# --dist load or loadfile here). Compiled and assertion-rewritten modules are kept in __pycache__
+# (git-ignored) even where the environment sets PYTHONDONTWRITEBYTECODE: each process then starts
+# ~4 s sooner from the second run on.
 test-fast: venv
 	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -m "not e2e and not slow" -n 2 --dist worksteal
 
-# The in-process pipelines test-fast leaves out (the TOFU benchmark, schemathesis's fuzzing, half of the
-# κ = 0 law's method × optimizer grid); make test runs them too.
+# What test-fast leaves out (the TOFU benchmark, schemathesis's fuzzing, the repeats and variants of
+# in-process pipelines it samples: README, "Development"); make test runs them too.
 test-slow: venv
 	$(BIN)/python -m pytest -m "slow and not e2e"
 

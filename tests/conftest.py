@@ -8,24 +8,33 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-import torch
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from fastapi.testclient import TestClient
+import pytest
 
-from pum.common.noise import draw_alphas, job_key_from_seed
-from pum.server.app import create_app
-from pum.server.config import ServerSettings
-from pum.server.blobs import Faults, LocalBlobStore, MemoryBlobStore
-from pum.server.service import JobService
-from pum.server.store import MemoryStore, SqliteStore
+# torch, the app and the rest are imported where they are used: xdist's controller process loads
+# this file too, and runs no test (importing them there cost ~3 s before any worker started)
+if TYPE_CHECKING:
+    import torch
+    from fastapi.testclient import TestClient
 
-torch.set_num_threads(1)
+    from pum.server.blobs import Faults
+    from pum.server.config import ServerSettings
+    from pum.server.service import JobService
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> None:
+    """One intra-op thread per test process (make test-fast runs two processes on two cores)."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def save_tiny_llama(path: Path, seed: int = 0, tie: bool = True) -> Path:
     """A random-initialised LlamaForCausalLM (about 3 k parameters) in Hugging Face format."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -106,6 +115,8 @@ class Server:
     clock: FakeClock
 
     def worker(self, token: str) -> TestClient:
+        from fastapi.testclient import TestClient
+
         return TestClient(self.admin.app, headers={"Authorization": f"Bearer {token}"})
 
     def create_job(
@@ -137,6 +148,8 @@ class Server:
     def alphas(self, job_id: str, round_: int = 1) -> list[float]:
         """The secret α of a seeded job, recomputed the way the server does (test-only)."""
         settings = self.service.store.job(job_id).spec.settings
+        from pum.common.noise import draw_alphas, job_key_from_seed
+
         return draw_alphas(job_key_from_seed(settings.seed), round_, settings.copies_m, settings.alpha_min, settings.alpha_max)
 
 
@@ -146,6 +159,14 @@ def make_server(tmp_path: Path, clock: FakeClock | None = None, backend: str = "
 
     backend "sqlite": SQLite and local files under tmp_path (the server's defaults); "memory": the
     in-memory store and blob stores (nothing on disk). `faults` arms failures in the state blobs."""
+    from fastapi.testclient import TestClient
+
+    from pum.server.app import create_app
+    from pum.server.blobs import LocalBlobStore, MemoryBlobStore
+    from pum.server.config import ServerSettings
+    from pum.server.service import JobService
+    from pum.server.store import MemoryStore, SqliteStore
+
     settings = ServerSettings(**{
         "state_dir": tmp_path / "state", "saves_dir": tmp_path / "saves", "admin_token": ADMIN, "lease_ttl_s": 30.0,
         "dev_mode": True, **overrides,
@@ -217,6 +238,7 @@ def chat_tokenizer():
 @pytest.fixture(scope="session")
 def chat_model_dir(tmp_path_factory, chat_tokenizer) -> Path:
     """A random-init tiny Llama with the chat tokenizer, saved as a Hugging Face folder."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -283,7 +305,8 @@ def fill_hf_cache(source: Path, repo_id: str, cache_dir: Path, repo_type: str = 
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # shutdown() waits for serve_forever's next poll: 0.5 s by default, on every fill
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
     thread.start()
     offline, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, False  # CI sets HF_HUB_OFFLINE=1; this hub is local
     try:

@@ -3,7 +3,7 @@
 - A test that starts a process or a server on a port — directly, through a helper of its module,
   or through a fixture — is marked `e2e`, so `make test-fast` (`pytest -m "not e2e"`) runs none.
 - No test asserts on a wall time: an elapsed time is a measurement for a benchmark script.
-- `make test-fast` leaves out `e2e` and `slow` (a whole pipeline in-process for tens of seconds);
+- `make test-fast` leaves out `e2e` and `slow` (the TOFU benchmark, fuzzing, and repeats or variants of in-process pipelines);
   `make test`, which `.ci/run` runs, deselects nothing. A `slow` mark is per test, never a whole
   module's, so a module keeps its quick tests in the fast tier.
 """

@@ -3,8 +3,9 @@ model itself, so PUM with R rounds must reproduce the baseline — the same meth
 
 Every method of the registry, with AdamW and with SGD, runs as a real job on the in-process server
 (the app through TestClient) with real Worker objects, and is compared with `run_unlearning` on
-the same model, data and hyperparameters. (`make test-fast` runs each method with one of the two
-optimizers; the full suite runs both.) One job goes over real HTTP (uvicorn on 127.0.0.1).
+the same model, data and hyperparameters. (`make test-fast` runs the methods that carry something
+of their own — a reference model, retain data, a frozen model's activations — plus plain gradient
+ascent; the full suite runs the whole grid.) One job goes over real HTTP (uvicorn on 127.0.0.1).
 m = 2 copies and R = 3 rounds over T = 7 steps (2 + 2 + 3) with warm-up and linear decay: each
 round continues the one batch stream and schedule, each copy of round r starts from the optimiser
 state at the end of round r − 1 (a worker that does both copies of a round must not chain them),
@@ -56,6 +57,17 @@ def pum_settings(method: str) -> dict:
 
 
 def baseline(method: str, optimizer: str, model_dir, tokenizer, forget, retain) -> dict[str, torch.Tensor]:
+    """The method run once, directly; computed once per module (the controls all compare with NPO-AdamW)."""
+    key = (method, optimizer, str(model_dir))
+    if key not in _BASELINES:
+        _BASELINES[key] = _run_baseline(method, optimizer, model_dir, tokenizer, forget, retain)
+    return _BASELINES[key]
+
+
+_BASELINES: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
+
+
+def _run_baseline(method: str, optimizer: str, model_dir, tokenizer, forget, retain) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
     task = TaskSpec(method=method, epochs=EPOCHS, rounds=1, hyperparams=hyperparams(optimizer))
@@ -92,17 +104,16 @@ def run_pum(server, model_dir, method, optimizer, forget, retain, tmp_path, work
     return load_file(f"{status['output_dir']}/model.safetensors")
 
 
+FAST_GRID = {("GradAscent", "sgd"), ("GradDiff", "adamw"), ("DPO", "adamw"), ("RMU", "adamw")}  # NPO-AdamW: below
+
+
 def method_optimizer_grid() -> list:
-    """Every method with both optimizers. Each method runs once in `make test-fast`, the optimizers
-    alternating over the sorted names (NPO with AdamW runs in the tests below); the other half of the
-    grid is marked slow, so the full suite runs the whole cross product."""
-    grid = []
-    for i, method in enumerate(available_methods()):
-        fast = "adamw" if i % 2 else "sgd"
-        for optimizer in ("adamw", "sgd"):
-            marks = () if optimizer == fast else pytest.mark.slow
-            grid.append(pytest.param(method, optimizer, marks=marks, id=f"{method}-{optimizer}"))
-    return grid
+    """Every method with both optimizers. `make test-fast` runs FAST_GRID (a method that carries
+    each kind of state, the two optimizers) and the tests below; the rest of the grid is marked
+    slow, so the full suite runs the whole cross product."""
+    return [pytest.param(method, optimizer, marks=() if (method, optimizer) in FAST_GRID else pytest.mark.slow,
+                         id=f"{method}-{optimizer}")
+            for method in available_methods() for optimizer in ("adamw", "sgd")]
 
 
 @pytest.mark.parametrize("method, optimizer", method_optimizer_grid())
@@ -114,7 +125,9 @@ def test_pum_at_kappa_zero_is_the_baseline(server, trained_dir, tokenizer, forge
     assert_law(merged, baseline(method, optimizer, model_dir, tokenizer, forget_pairs, retain_pairs), original)
 
 
-@pytest.mark.parametrize("off", ["carry_reference", "carry_optimizer", "global_schedule"])
+# the fast tier runs one control; the full suite all three
+@pytest.mark.parametrize("off", ["carry_reference", pytest.param("carry_optimizer", marks=pytest.mark.slow),
+                                 pytest.param("global_schedule", marks=pytest.mark.slow)])
 def test_without_one_carried_item_the_law_fails(server, trained_dir, tokenizer, forget_pairs, retain_pairs, tmp_path, off):
     """The control: each carried item is needed (NPO reads the reference; AdamW has moments; T = 7 over 3 rounds)."""
     model_dir = trained_dir

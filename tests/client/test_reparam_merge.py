@@ -3,6 +3,7 @@ job with it off (same seeds): T_k commutes with SGD and the server inverts it (D
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -35,6 +36,7 @@ def test_reparameterized_job_merges_to_the_same_model_with_sgd(server, model_dir
         torch.testing.assert_close(reparam[name], plain[name], rtol=0, atol=2e-5)
 
 
+@pytest.mark.slow  # a measured caveat, not a guard: the full suite runs it
 def test_adam_does_not_commute_with_the_rotations(server, model_dir, forget_pairs, retain_pairs, tmp_path):
     """The caveat of DESIGN.md §4, measured: with AdamW the two jobs part ways."""
     original = load_file(model_dir / "model.safetensors")

@@ -234,3 +234,19 @@ def test_a_tied_head_saved_next_to_its_embeddings_is_dropped_and_an_untied_one_i
     rewrite_weights(untied, lambda t: {n: v for n, v in t.items() if n != "lm_head.weight"})
     response = server.admin.post("/v1/jobs", json={"task": "t2", "model_dir": str(untied)})
     assert response.status_code == 400 and "missing from the checkpoint: lm_head.weight" in response.json()["detail"]
+
+
+def test_the_meta_model_is_built_once_per_config_content(tiny_model_dir, tmp_path):
+    """Every job of one model matches its checkpoint against one meta model; another config gets its own."""
+    import shutil
+
+    from pum.server.model_layout import meta_model
+
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "copy")
+    assert meta_model(copy) is meta_model(tiny_model_dir)  # the same config.json bytes in another folder
+    config = json.loads((copy / "config.json").read_text())
+    config["intermediate_size"] = 48
+    (copy / "config.json").write_text(json.dumps(config))
+    changed = meta_model(copy)
+    assert changed is not meta_model(tiny_model_dir)
+    assert changed.model.layers[0].mlp.up_proj.weight.shape == (48, 16)
