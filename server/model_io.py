@@ -214,9 +214,12 @@ def export_model(files: JobFiles, theta: str, dtypes: dict[str, str], saves: Blo
     """Write θ in Hugging Face format to `folder` of the saves store; returns where it lies: the weights in
     their original dtypes, as model.safetensors or, over `shard_bytes`, as shards with a
     model.safetensors.index.json (no weight file of an earlier export is left beside them), then the
-    config and tokenizer."""
+    config and tokenizer. Refuses (InsufficientStorage, bytes named) before its first write when the
+    saves store has no room for it."""
     with files.read(theta) as weights:
         infos = [TensorInfo(i.name, dtypes.get(i.name, "F32"), i.shape) for i in weights.infos]
+        public = sum(files.size(files.public(name)) for name in files.public_names())
+        saves.check_space(sum(i.nbytes for i in infos) + public, f"saving the merged model to {folder}")
         plan = shard_plan(infos, shard_bytes)
         names = ["model.safetensors"] if len(plan) == 1 else \
             [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]

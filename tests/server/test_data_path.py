@@ -204,6 +204,27 @@ def test_a_full_disk_during_the_step_keeps_the_round_and_resume_retries(tmp_path
     assert (resumed.json()["state"], resumed.json()["round"]) == ("running", 2)
 
 
+
+def test_no_space_to_save_the_merged_model_pauses_the_job_before_writing_and_resume_saves_it(tmp_path, server_factory):
+    """The saves folder may be another disk: the export checks it (bytes named) before its first write."""
+    server = server_factory(tmp_path, backend="memory")
+    job = server.create_job(save_llama(tmp_path / "model"), {"copies_m": 2, "rounds_R": 1}, task="full")
+    worker = server.worker(server.token(job))
+    saves = server.service.context.saves
+    saves.capacity = 1000
+    for _ in range(2):
+        lease, copy = leased_copy(worker)
+        assert put(worker, lease, save({n: torch.full(t.shape, 1e-3) for n, t in copy.items()})).status_code == 200
+    status = server.admin.get(f"/v1/jobs/{job}").json()
+    assert status["state"] == "paused" and status["output_dir"] is None, status
+    assert "saving the merged model" in status["error"] and "1000 free" in status["error"], status["error"]
+    assert saves.blobs == {}  # not one file of the model was written
+    saves.capacity = None
+    resumed = server.admin.post(f"/v1/jobs/{job}/resume")
+    assert resumed.status_code == 200, resumed.text
+    status = server.admin.get(f"/v1/jobs/{job}").json()
+    assert status["state"] == "finalized" and "full/model.safetensors" in saves.blobs, status
+
 # ---- overflow --------------------------------------------------------------------------------
 def test_huge_finite_updates_are_refused_and_theta_stays_finite(tmp_path, server_factory):
     server = server_factory(tmp_path)
