@@ -23,7 +23,7 @@ from pum.common.states import ACTIONS, END_STATES, TAKES_UPLOADS, CopyState, Job
 from .context import ServerContext
 from .job_setup import create_job_files
 from .model_io import export_model
-from .rounds import model_sized_writes, prepare_round, round_noise, step
+from .rounds import AcceptedUpload, model_sized_writes, prepare_round, round_noise, step
 from .store import Job, JobSpec, Lease, Store
 from .store.base import not_ended, task_taken
 
@@ -168,7 +168,7 @@ class Lifecycle:
         paused with the reason, and `resume` (or `advance`) tries again (`finish_round`; 507 meanwhile)."""
         files = self.ctx.files(job.id)
         rnd = self.ctx.store.round(job.id, job.round)
-        uploads = [(c.k, files.upload(job.round, c.lease_id))
+        uploads = [AcceptedUpload(c.k, files.upload(job.round, c.lease_id), c.update_sums)
                    for c in self.ctx.store.copies(job.id, job.round) if c.state is CopyState.ACCEPTED]
         try:
             files.blobs.check_space(model_sized_writes(files, job.spec, job.round), f"the step of round {job.round}")

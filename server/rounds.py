@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -216,35 +217,69 @@ def upload_layout(files: JobFiles, round_: int, dtypes: dict[str, str], kind: Up
     return [TensorInfo(i.name, "BF16" if kind is UploadKind.DELTA_BF16 else "F32", i.shape) for i in layout]
 
 
+@contextmanager
+def received_update(
+    files: JobFiles, key: bytes, spec: JobSpec, round_: int, k: int, trained: bool,
+    sigmas: dict[str, float], taus: dict[str, float],
+) -> Iterator[Callable[[TensorInfo, torch.Tensor], torch.Tensor]]:
+    """A function giving Δ'_k of one tensor of copy k's upload, in float32, from the published
+    tensor's info and the uploaded values (which it may change in place): the values themselves,
+    or trained − copy_k with copy_k regenerated from the seeds exactly as published."""
+    if not trained:
+        yield lambda info, value: value.to(torch.float32)
+        return
+    with copy_tensors(files, key, spec, round_, k, sigmas, taus) as copy:
+        yield lambda info, value: value.to(torch.float32).sub_(copy(info).to(torch.float32))
+
+
+@dataclass(frozen=True)
+class AcceptedUpload:
+    k: int  # its copy
+    name: str  # its blob in the job's files
+    update_sums: dict[str, float] | None = None  # Σx² of Δ'_k per layer group, taken on receipt (None: not taken)
+
+
+def update_sums(names: list[str], per_tensor: dict[str, float]) -> dict[str, float]:
+    """Σx² per layer group from Σx² per tensor, added in the order of `names` (the published layout's):
+    the same float64 sums `group_sum_squares` gives over that layout."""
+    sums: dict[str, float] = {}
+    for name in names:
+        group = layer_group(name)
+        sums[group] = sums.get(group, 0.0) + per_tensor[name]
+    return sums
+
+
 def accepted_updates(
-    files: JobFiles, key: bytes, spec: JobSpec, round_: int, uploads: list[tuple[int, str]],
+    files: JobFiles, key: bytes, spec: JobSpec, round_: int, uploads: list[AcceptedUpload],
     sigmas: dict[str, float], taus: dict[str, float], stack: ExitStack,
 ) -> list[WeightedUpdate]:
-    """Each accepted upload (copy k, its blob) as w_k·clip(Δ_k), in the order given.
+    """Each accepted upload as w_k·clip(Δ_k), in the order given.
 
     Δ'_k is the upload itself (`delta`) or trained − copy_k with copy_k regenerated from the seeds
     exactly as published (`trained`), both in float32; Δ_k = T_k⁻¹(Δ'_k). The clipping norms are
-    taken on Δ'_k (the transforms preserve every group's norm): one more read of each upload, only
-    when update clipping is on.
+    taken on Δ'_k (the transforms preserve every group's norm), on receipt (`update_sums`, kept in
+    the store with the copy), so the step reads each upload once; an upload accepted without them
+    is read once more here.
     """
     settings = spec.settings
     published = {i.name: i for i in published_layout(files, round_, spec.dtypes)}
     updates = []
-    for k, name in uploads:
-        upload = stack.enter_context(files.read(name))
+    for accepted in uploads:
+        k = accepted.k
+        upload = stack.enter_context(files.read(accepted.name))
         trained = upload.metadata.get("kind") == UploadKind.TRAINED
-        copy = stack.enter_context(copy_tensors(files, key, spec, round_, k, sigmas, taus)) if trained else None
+        update = stack.enter_context(received_update(files, key, spec, round_, k, trained, sigmas, taus))
         transform = copy_transform(files, key, settings, round_, k)
 
-        def raw(tensor: str, upload=upload, copy=copy) -> torch.Tensor:
-            value = upload.read(tensor).to(torch.float32)
-            return value.sub_(copy(published[tensor]).to(torch.float32)) if copy else value
+        def raw(tensor: str, upload=upload, update=update) -> torch.Tensor:
+            return update(published[tensor], upload.read(tensor))
 
         def aligned(tensor: str, raw=raw, transform=transform) -> torch.Tensor:
             return transform.inverse(tensor, raw(tensor)) if transform else raw(tensor)
 
         clipping = settings.clip_update_norm_per_layer or settings.clip_update_norm
-        sums = group_sum_squares(list(published), raw) if clipping else {}
+        recorded = accepted.update_sums
+        sums = (recorded if recorded is not None else group_sum_squares(list(published), raw)) if clipping else {}
         scales = update_clip_scales(sums, settings.clip_update_norm_per_layer, settings.clip_update_norm) if sums else {}
         updates.append(WeightedUpdate(harmonic_weight(copy_noise(key, settings, round_, k).alpha), aligned, scales))
     return updates
@@ -256,9 +291,9 @@ def model_sized_writes(files: JobFiles, spec: JobSpec, round_: int) -> int:
     return files.size(files.theta(round_)) * (2 if spec.clipping else 1)
 
 
-def step(files: JobFiles, key: bytes, spec: JobSpec, round_: int, uploads: list[tuple[int, str]],
+def step(files: JobFiles, key: bytes, spec: JobSpec, round_: int, uploads: list[AcceptedUpload],
          sigmas: dict[str, float], taus: dict[str, float]) -> None:
-    """θ_{r+1} = θ_r + η·S1/S0 from the round's accepted uploads (copy k, its blob), reduced in
+    """θ_{r+1} = θ_r + η·S1/S0 from the round's accepted uploads, reduced in
     the order given (by k); with clipping θ_ref,r+1 = β·θ_ref,r + (1 − β)·H_r, with
     H_r = Σ_k w_k·copy_k / S0 the harmonic combination of the round's published copies (before
     T_k): a released quantity, so the next round's sensitivity stays 2·C_ℓ given the past rounds.

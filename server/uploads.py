@@ -7,7 +7,8 @@ leases and heartbeats, so those answer quickly however many uploads are in fligh
 bench/lease_latency.py).
 
 An upload is written once, durably, to `rounds/r{r}/upload_{lease}` while it is parsed and
-checked; accepting it is one store transaction (the copy and its lease), under the job's lock.
+checked (and, with update clipping, its Σx² per layer group taken, kept in the store with the
+copy); accepting it is one store transaction (the copy and its lease), under the job's lock.
 Nothing is summed before the round is complete: the step reads each accepted upload once, in
 the copies' order k (`pum.server.rounds.step`). So each accepted copy costs one write and one
 read of its upload (2× its size of disk I/O), the merged model does not depend on the order the
@@ -26,13 +27,13 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import AsyncIterable, AsyncIterator, Callable, Iterator, TypeVar
 
 import torch
 
-from pum.common.aggregate import extremes, harmonic_weight
+from pum.common.aggregate import extremes, harmonic_weight, sum_of_squares
 from pum.common.codec import SafetensorsFileWriter, StreamParser, TensorInfo, build_header, total_size
 from pum.common.errors import Conflict, InsufficientStorage, InvalidInput, PayloadTooLarge, RequestTimeout
 from pum.common.schemas import UploadAccepted, UploadKind
@@ -42,7 +43,7 @@ from .context import ServerContext
 from .job_files import JobFiles
 from .lifecycle import Lifecycle
 from .metrics import reason_of
-from .rounds import copy_noise, upload_layout
+from .rounds import copy_noise, received_update, round_noise, update_sums, upload_layout
 from .store import Lease
 from .work import WorkProtocol
 
@@ -60,6 +61,7 @@ class Received:
 
     lease: Lease
     name: str  # its blob in the job's files
+    update_sums: dict[str, float] | None = None  # Σx² of Δ' per layer group, when update clipping needs them
 
 
 class _Receiving:
@@ -68,7 +70,11 @@ class _Receiving:
     def __init__(self, files: JobFiles, lease: Lease, layout: list[TensorInfo], kind: UploadKind, max_header_bytes: int,
                  received):
         self.files, self.lease, self.received = files, lease, received  # received: the bytes counter
+        self.layout = layout
         self.bytes_in = 0  # bytes of the body so far
+        self.resources = ExitStack()  # closed when the upload ends, either way
+        self.update: Callable[[TensorInfo, torch.Tensor], torch.Tensor] | None = None  # Δ' of a tensor, to clip
+        self.tensor_sums: dict[str, float] = {}  # Σx² of each tensor's Δ' (float64), with `update`
         header = len(build_header(layout))
         self.parser = StreamParser(expected={i.name: i for i in layout},
                                    max_header_bytes=min(max_header_bytes, header + HEADER_SLACK),
@@ -90,15 +96,21 @@ class _Receiving:
             for info, tensor in self.parser.feed(chunk):
                 check_values(info.name, tensor)
                 self.writer.write(info.name, tensor)
+                if self.update is not None:  # after the write: `update` may change the tensor in place
+                    self.tensor_sums[info.name] = sum_of_squares(self.update(info, tensor))
 
-    def finish(self) -> None:
+    def finish(self) -> dict[str, float] | None:
+        """Commit the blob; the upload's Σx² per layer group when they were taken."""
         self.parser.finish()
         self.writer.close()
         self.blob.commit()
         self.committed = True
+        self.resources.close()
+        return update_sums([i.name for i in self.layout], self.tensor_sums) if self.update is not None else None
 
     def abort(self) -> None:
         """Leave no trace: the partial blob, or the whole one when the upload failed after it."""
+        self.resources.close()
         self.writer.abort()
         self.blob.abort()
         if self.committed:
@@ -169,7 +181,7 @@ class Uploads:
         try:
             async for group in _batched(idle_timeout(chunks, self.ctx.settings.upload_idle_timeout_s)):
                 await self._run(receiving.feed, group)
-            await self._run(receiving.finish)
+            update_sums = await self._run(receiving.finish)
             # the whole upload is in: renew the lease so an acceptance queued behind others does not outlive it
             await self._run(self.ctx.store.extend_lease, receiving.lease.id, self.ctx.settings.lease_ttl_s)
         except BaseException as err:
@@ -186,7 +198,7 @@ class Uploads:
         log.info("job %s round %d: received the %s upload of %s (%d bytes in %.2f s)", lease.job_id, lease.round,
                  kind.value, lease.id, receiving.bytes_in, seconds,
                  extra=self.work.fields(lease, bytes=receiving.bytes_in, seconds=seconds))
-        return Received(lease, receiving.name)
+        return Received(lease, receiving.name, update_sums)
 
     def _open(self, token: str, lease_id: str, kind: UploadKind, declared: int | None) -> _Receiving:
         lease = self.work.live_lease(token, lease_id)
@@ -199,7 +211,18 @@ class Uploads:
             files.blobs.check_space(expected + sum(self._in_flight.values()), "storing this upload")
             if lease_id in self._in_flight:
                 self._in_flight[lease_id] = expected
-        return _Receiving(files, lease, layout, kind, self.ctx.settings.max_header_bytes, self.ctx.metrics.received)
+        receiving = _Receiving(files, lease, layout, kind, self.ctx.settings.max_header_bytes, self.ctx.metrics.received)
+        spec = self.ctx.job(lease.job_id).spec
+        if spec.settings.clip_update_norm_per_layer or spec.settings.clip_update_norm:
+            # the clipping norms are taken now, so the step reads the upload once (pum.server.rounds.accepted_updates)
+            try:
+                sigmas, taus = round_noise(self.ctx.store.round(lease.job_id, lease.round), spec.settings)
+                receiving.update = receiving.resources.enter_context(received_update(
+                    files, self.ctx.key(lease.job_id), spec, lease.round, lease.k, kind is UploadKind.TRAINED, sigmas, taus))
+            except BaseException:
+                receiving.abort()
+                raise
+        return receiving
 
     def accept(self, received: Received) -> UploadAccepted:
         """Count a received upload in its round, atomically; steps the round when it is complete."""
@@ -213,7 +236,7 @@ class Uploads:
                 rnd = self.ctx.store.round(job.id, lease.round)
                 began = time.perf_counter()
                 s0 = rnd.s0 + harmonic_weight(copy_noise(self.ctx.key(job.id), settings, lease.round, lease.k).alpha)
-                self.ctx.store.accept_copy(lease, s0, received.name.rsplit("/", 1)[-1])
+                self.ctx.store.accept_copy(lease, s0, received.name.rsplit("/", 1)[-1], received.update_sums)
                 accepted = True
                 seconds = time.perf_counter() - began
                 self.ctx.metrics.merge_seconds.observe(seconds)

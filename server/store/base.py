@@ -103,9 +103,10 @@ class Store(Protocol):
         """End an active lease (`revoked`) and put its copy back without counting a failure; None
         when it was not active."""
 
-    def accept_copy(self, lease: Lease, s0: float, s1_file: str) -> None:
-        """Commit one merged copy: the copy (accepted), its lease (done), S0 and the S1 blob name
-        change together. LeaseExpired when the lease no longer holds the copy."""
+    def accept_copy(self, lease: Lease, s0: float, s1_file: str, update_sums: dict[str, float] | None = None) -> None:
+        """Commit one merged copy: the copy (accepted, with its upload's Σx² per layer group when
+        given), its lease (done), S0 and the S1 blob name change together. LeaseExpired when the
+        lease no longer holds the copy."""
 
     def largest_party_leases(self, job_id: str) -> int | None:
         """The most distinct copies of one round the tokens of one party were leased (None: no lease yet)."""

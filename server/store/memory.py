@@ -220,7 +220,7 @@ class MemoryStore:
                 return None
             return self._leases[lease_id]
 
-    def accept_copy(self, lease: Lease, s0: float, s1_file: str) -> None:
+    def accept_copy(self, lease: Lease, s0: float, s1_file: str, update_sums: dict[str, float] | None = None) -> None:
         with self._lock:
             key = (lease.job_id, lease.round, lease.k)
             copy, current = self._copies.get(key), self._leases.get(lease.id)
@@ -228,7 +228,8 @@ class MemoryStore:
                     or not allowed(COPY_TRANSITIONS, copy.state, CopyState.ACCEPTED)
                     or not allowed(LEASE_TRANSITIONS, current.state, LeaseState.DONE)):
                 raise copy_not_held(lease)
-            self._copies[key] = replace(copy, state=CopyState.ACCEPTED, accepted_at=self.clock())
+            self._copies[key] = replace(copy, state=CopyState.ACCEPTED, accepted_at=self.clock(),
+                                        update_sums=dict(update_sums) if update_sums is not None else None)
             self._leases[lease.id] = replace(current, state=LeaseState.DONE)
             rnd = self._rounds[(lease.job_id, lease.round)]
             self._rounds[(lease.job_id, lease.round)] = replace(rnd, s0=s0, s1_file=s1_file, accepted=rnd.accepted + 1)

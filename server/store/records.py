@@ -75,6 +75,7 @@ class Copy:
     failures: int
     leased_at: float | None
     accepted_at: float | None
+    update_sums: dict[str, float] | None = None  # Σx² of Δ' per layer group, taken on receipt (update clipping)
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,8 @@ CREATE INDEX IF NOT EXISTS jobs_by_task ON jobs (task);
 """
 # Columns added after the first release, with their definitions: an older state.db gets them on open.
 ADDED_COLUMNS = {"tokens": {"party": "TEXT NOT NULL DEFAULT ''", "revoked_at": "REAL"},
-                 "rounds": {"taus": "TEXT NOT NULL DEFAULT '{}'"}, "leases": {"reason": "TEXT NOT NULL DEFAULT ''"}}
+                 "rounds": {"taus": "TEXT NOT NULL DEFAULT '{}'"}, "leases": {"reason": "TEXT NOT NULL DEFAULT ''"},
+                 "copies": {"update_sums": "TEXT"}}
 
 
 def _states(table: dict, target) -> str:
@@ -253,7 +254,9 @@ class SqliteStore:
 
     def copies(self, job_id: str, round_: int) -> list[Copy]:
         rows = self._rows("SELECT * FROM copies WHERE job_id = ? AND round = ? ORDER BY k", (job_id, round_))
-        return [Copy(**{**dict(r), "state": CopyState(r["state"])}) for r in rows]
+        return [Copy(**{**dict(r), "state": CopyState(r["state"]),
+                        "update_sums": json.loads(r["update_sums"]) if r["update_sums"] is not None else None})
+                for r in rows]
 
     # ---- leases ------------------------------------------------------------------------------
     def grant_lease(self, lease_id: str, job_id: str, round_: int, token_hash: str, ttl_s: float,
@@ -339,12 +342,13 @@ class SqliteStore:
                 return None
             return _lease(db.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone())
 
-    def accept_copy(self, lease: Lease, s0: float, s1_file: str) -> None:
+    def accept_copy(self, lease: Lease, s0: float, s1_file: str, update_sums: dict[str, float] | None = None) -> None:
+        sums = json.dumps(update_sums) if update_sums is not None else None
         with self._transaction() as db:
             changed = db.execute(
-                "UPDATE copies SET state = ?, accepted_at = ? "
+                "UPDATE copies SET state = ?, accepted_at = ?, update_sums = ? "
                 f"WHERE job_id = ? AND round = ? AND k = ? AND lease_id = ? AND {_states(COPY_TRANSITIONS, CopyState.ACCEPTED)}",
-                (CopyState.ACCEPTED.value, self.clock(), lease.job_id, lease.round, lease.k, lease.id),
+                (CopyState.ACCEPTED.value, self.clock(), sums, lease.job_id, lease.round, lease.k, lease.id),
             ).rowcount
             changed &= db.execute(
                 f"UPDATE leases SET state = ? WHERE id = ? AND {_states(LEASE_TRANSITIONS, LeaseState.DONE)}",

@@ -98,6 +98,68 @@ def test_an_accepted_copy_costs_one_write_and_one_read_of_its_upload(tmp_path, s
     assert per_copy <= 2 * upload_size * 1.05 + 64 * 1024
 
 
+
+class CountedReads:
+    """A blob opened for reading that adds the bytes read to `counts[its key]`."""
+
+    def __init__(self, stream, counts: dict[str, int]):
+        self._stream, self._counts = stream, counts
+        counts.setdefault(stream.name, 0)
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self._counts[self._stream.name] += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        n = self._stream.readinto(buffer)
+        self._counts[self._stream.name] += n
+        return n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stream.close()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@pytest.mark.parametrize("kind", [UploadKind.DELTA, UploadKind.TRAINED])
+def test_with_update_clipping_the_step_still_reads_each_upload_once(tmp_path, server_factory, monkeypatch, kind):
+    """The clipping norms are taken on receipt (kept in the store with the copy), not by a second
+    read at the step; counted at the blob seam, which a page cache cannot hide."""
+    pum = {"copies_m": 2, "rounds_R": 2, "auto_advance": False, "noise_kappa": 0.05,
+           "clip_update_norm": 1e-3, "clip_update_norm_per_layer": 5e-4}
+    merged = {}
+    for taken_on_receipt in (True, False):
+        server = server_factory(tmp_path / str(taken_on_receipt), backend="memory")
+        store = server.service.store
+        if not taken_on_receipt:  # as an older server accepted uploads: without their norms
+            accept = store.accept_copy
+            monkeypatch.setattr(store, "accept_copy", lambda lease, s0, name, sums=None: accept(lease, s0, name))
+        job = server.create_job(save_llama(tmp_path / "model"), pum)
+        worker = server.worker(server.token(job))
+        for _ in range(2):
+            lease, copy = leased_copy(worker)
+            update = {n: t + 1e-3 if kind is UploadKind.TRAINED else torch.full(t.shape, 1e-3) for n, t in copy.items()}
+            assert put(worker, lease, save(update), kind=kind.value).status_code == 200
+        assert all((c.update_sums is not None) == taken_on_receipt for c in store.copies(job, 1))
+        blobs, read = server.service.context.blobs, {}
+        folder = f"jobs/{job}/rounds/r1"
+        uploads = {f"{folder}/{name}": blobs.size(f"{folder}/{name}") for name in blobs.list(folder) if name.startswith("upload_")}
+        opened = blobs.open
+        monkeypatch.setattr(blobs, "open", lambda key: CountedReads(opened(key), read))
+        assert server.admin.post(f"/v1/jobs/{job}/advance").status_code == 200
+        assert len(uploads) == 2 and set(uploads) <= set(read)
+        times = 1 if taken_on_receipt else 2
+        for key, size in uploads.items():
+            assert (times - 0.5) * size <= read[key] <= times * size, (key, read[key], size)  # tensors, header once
+        merged[taken_on_receipt] = server.blob(job, "theta_r2.safetensors")
+    for name, tensor in merged[True].items():  # the same clipping either way, bit for bit
+        assert torch.equal(tensor, merged[False][name]), name
+
 # ---- What it must show 2: a bf16 model's upload is its bf16 size and merges like the float32 delta --
 @pytest.mark.parametrize("reparam", [False, True])
 def test_a_bf16_trained_upload_merges_like_the_float32_delta(tmp_path, server_factory, reparam):

@@ -293,6 +293,16 @@ class StoreConformance:
         assert (copy.state, copy.accepted_at) == (CopyState.ACCEPTED, clock.now)
         assert store.lease(lease.id).state is LeaseState.DONE
 
+    def test_an_accepted_copy_keeps_its_update_sums_exactly(self, store):
+        job = self.running_job(store)
+        plain, clipped = (store.grant_lease(f"lease-{x}", job, 1, "h", TTL, None) for x in "ab")
+        store.accept_copy(plain, 0.5, "s1_1.safetensors")
+        sums = {"global": 0.1 + 0.2, "layer_0": 1e-300, "layer_1": 12345.678901234567}
+        store.accept_copy(clipped, 1.0, "s1_2.safetensors", sums)
+        copies = {c.k: c for c in store.copies(job, 1)}
+        assert copies[plain.k].update_sums is None
+        assert copies[clipped.k].update_sums == sums  # float64 values, bit for bit
+
     def test_a_copy_counts_once(self, store):
         job = self.running_job(store)
         lease = store.grant_lease("lease-a", job, 1, "h", TTL, None)
