@@ -24,6 +24,7 @@ from pum.demo.cluster import LocalServer, free_port, start_worker
 
 pytestmark = pytest.mark.e2e
 PUM = {"copies_m": 3, "rounds_R": 1, "noise_kappa": 0.05, "seed": 11}
+CLIPPED = {**PUM, "clip_update_norm": 0.1, "clip_update_norm_per_layer": 0.05}  # Δ = −0.01·copy: every group clipped
 
 
 def deterministic_delta(copy_bytes: bytes) -> bytes:
@@ -35,8 +36,8 @@ def worker_api(url: str, token: str) -> WorkerAPI:
     return WorkerAPI(httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60), retries=1)
 
 
-def create(admin: AdminAPI, model_dir) -> tuple[str, str]:
-    job = admin.create_job("crash", str(model_dir), PUM, {}).id
+def create(admin: AdminAPI, model_dir, pum: dict = PUM) -> tuple[str, str]:
+    job = admin.create_job("crash", str(model_dir), pum, {}).id
     token = admin.issue_token(job)
     admin.action(job, JobAction.START)
     return job, token
@@ -56,11 +57,11 @@ def model_dir(demo_assets):
     return demo_assets[1].model_dir
 
 
-def run_uninterrupted(tmp_path, model_dir) -> bytes:
+def run_uninterrupted(tmp_path, model_dir, pum: dict = PUM) -> bytes:
     with LocalServer(tmp_path / "a" / "state", tmp_path / "a" / "saves", dev=True) as server, \
             http_client(server.url, server.admin_token) as http:
         admin = AdminAPI(http)
-        job, token = create(admin, model_dir)
+        job, token = create(admin, model_dir, pum)
         api = worker_api(server.url, token)
         for _ in range(3):
             lease, copy = lease_copy(api)
@@ -70,14 +71,16 @@ def run_uninterrupted(tmp_path, model_dir) -> bytes:
         return (tmp_path / "a" / "saves" / "crash" / "model.safetensors").read_bytes()
 
 
-def test_server_killed_mid_round_recovers_the_same_model(tmp_path, model_dir):
-    expected = run_uninterrupted(tmp_path, model_dir)
+@pytest.mark.parametrize("pum", [PUM, CLIPPED], ids=["plain", "update-clipping"])
+def test_server_killed_mid_round_recovers_the_same_model(tmp_path, model_dir, pum):
+    """With update clipping the accepted copies' norms come back from the store after the restart."""
+    expected = run_uninterrupted(tmp_path, model_dir, pum)
 
     state, saves = tmp_path / "b" / "state", tmp_path / "b" / "saves"
     server = LocalServer(state, saves, log_path=tmp_path / "server.log", dev=True).start()
     try:
         with http_client(server.url, server.admin_token) as http:
-            job, token = create(AdminAPI(http), model_dir)
+            job, token = create(AdminAPI(http), model_dir, pum)
         api = worker_api(server.url, token)
         for _ in range(2):  # two copies accepted before the crash
             lease, copy = lease_copy(api)
