@@ -50,13 +50,18 @@ def sum_of_squares(tensor: torch.Tensor, chunk: int = 1 << 20) -> float:
     return sum(part.double().pow(2).sum().item() for part in flat.split(chunk)) if flat.numel() else 0.0
 
 
-def group_sum_squares(names: list[str], read: Callable[[str], torch.Tensor]) -> dict[str, float]:
-    """Σ x² per layer group of the tensors `read(name)` (float64 sums)."""
-    sums: dict[str, float] = {}
+def group_totals(names: list[str], value: Callable[[str], float]) -> dict[str, float]:
+    """Σ value(name) per layer group, added in the order of `names` (float64: the order fixes the bits)."""
+    totals: dict[str, float] = {}
     for name in names:
         group = layer_group(name)
-        sums[group] = sums.get(group, 0.0) + sum_of_squares(read(name))
-    return sums
+        totals[group] = totals.get(group, 0.0) + value(name)
+    return totals
+
+
+def group_sum_squares(names: list[str], read: Callable[[str], torch.Tensor]) -> dict[str, float]:
+    """Σ x² per layer group of the tensors `read(name)` (float64 sums)."""
+    return group_totals(names, lambda name: sum_of_squares(read(name)))
 
 
 def extremes(tensor: torch.Tensor) -> tuple[float, float]:

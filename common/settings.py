@@ -213,6 +213,11 @@ class PumSettings(BaseSettings):
                                            self.dp_sensitivity_per_layer_l2, self.dp_sensitivity_total_l2))
 
     @property
+    def update_clipping_enabled(self) -> bool:
+        """Whether the server clips uploaded updates (per layer group, in total, or both)."""
+        return self.clip_update_norm_per_layer is not None or self.clip_update_norm is not None
+
+    @property
     def noise_mode(self) -> Literal["manual", "manual_per_layer", "relative", "dp"]:
         """Which rule sets σ_ℓ (DESIGN.md §3 step 2)."""
         if self.dp_epsilon is not None:

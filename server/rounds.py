@@ -239,16 +239,6 @@ class AcceptedUpload:
     update_sums: dict[str, float] | None = None  # Σx² of Δ'_k per layer group, taken on receipt (None: not taken)
 
 
-def update_sums(names: list[str], per_tensor: dict[str, float]) -> dict[str, float]:
-    """Σx² per layer group from Σx² per tensor, added in the order of `names` (the published layout's):
-    the same float64 sums `group_sum_squares` gives over that layout."""
-    sums: dict[str, float] = {}
-    for name in names:
-        group = layer_group(name)
-        sums[group] = sums.get(group, 0.0) + per_tensor[name]
-    return sums
-
-
 def accepted_updates(
     files: JobFiles, key: bytes, spec: JobSpec, round_: int, uploads: list[AcceptedUpload],
     sigmas: dict[str, float], taus: dict[str, float], stack: ExitStack,
@@ -277,9 +267,9 @@ def accepted_updates(
         def aligned(tensor: str, raw=raw, transform=transform) -> torch.Tensor:
             return transform.inverse(tensor, raw(tensor)) if transform else raw(tensor)
 
-        clipping = settings.clip_update_norm_per_layer or settings.clip_update_norm
         recorded = accepted.update_sums
-        sums = (recorded if recorded is not None else group_sum_squares(list(published), raw)) if clipping else {}
+        sums = (recorded if recorded is not None else group_sum_squares(list(published), raw)) \
+            if settings.update_clipping_enabled else {}
         scales = update_clip_scales(sums, settings.clip_update_norm_per_layer, settings.clip_update_norm) if sums else {}
         updates.append(WeightedUpdate(harmonic_weight(copy_noise(key, settings, round_, k).alpha), aligned, scales))
     return updates

@@ -33,7 +33,7 @@ from typing import AsyncIterable, AsyncIterator, Callable, Iterator, TypeVar
 
 import torch
 
-from pum.common.aggregate import extremes, harmonic_weight, sum_of_squares
+from pum.common.aggregate import extremes, group_totals, harmonic_weight, sum_of_squares
 from pum.common.codec import SafetensorsFileWriter, StreamParser, TensorInfo, build_header, total_size
 from pum.common.errors import Conflict, InsufficientStorage, InvalidInput, PayloadTooLarge, RequestTimeout
 from pum.common.schemas import UploadAccepted, UploadKind
@@ -43,7 +43,7 @@ from .context import ServerContext
 from .job_files import JobFiles
 from .lifecycle import Lifecycle
 from .metrics import reason_of
-from .rounds import copy_noise, received_update, round_noise, update_sums, upload_layout
+from .rounds import copy_noise, received_update, round_noise, upload_layout
 from .store import Lease
 from .work import WorkProtocol
 
@@ -106,7 +106,8 @@ class _Receiving:
         self.blob.commit()
         self.committed = True
         self.resources.close()
-        return update_sums([i.name for i in self.layout], self.tensor_sums) if self.update is not None else None
+        # per group in the layout's order: the bits group_sum_squares gives at the step
+        return group_totals([i.name for i in self.layout], self.tensor_sums.__getitem__) if self.update is not None else None
 
     def abort(self) -> None:
         """Leave no trace: the partial blob, or the whole one when the upload failed after it."""
@@ -213,7 +214,7 @@ class Uploads:
                 self._in_flight[lease_id] = expected
         receiving = _Receiving(files, lease, layout, kind, self.ctx.settings.max_header_bytes, self.ctx.metrics.received)
         spec = self.ctx.job(lease.job_id).spec
-        if spec.settings.clip_update_norm_per_layer or spec.settings.clip_update_norm:
+        if spec.settings.update_clipping_enabled:
             # the clipping norms are taken now, so the step reads the upload once (pum.server.rounds.accepted_updates)
             try:
                 sigmas, taus = round_noise(self.ctx.store.round(lease.job_id, lease.round), spec.settings)
