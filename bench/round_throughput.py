@@ -6,8 +6,14 @@ one round); the baseline is a minimal FastAPI server in its own process that str
 parses each upload with safetensors, sums in float32 and writes θ + mean. Both on a 27 M and a
 196 M-parameter Llama (random init, float32). Also measured in the same run: raw loopback TCP
 GB/s, the RNG floor (torch's normal sampler: the floats PUM draws for m copies, one thread, the
-server's setting) and the servers' peak RSS. Then a projection to 7B and 70B (bf16, m = 4) from
-the measured per-GB costs. Prints tables, then one JSON line last.
+server's setting), the disk's write + fsync GB/s with the seconds the k uploads take to write at
+that rate (PUM keeps each upload durably until the step; the baseline keeps nothing), and the
+servers' peak RSS. Then a projection to 7B and 70B (bf16, m = 4) from the measured per-GB costs.
+Prints tables, then one JSON line last.
+
+PUM's server puts large tensors on huge pages (pum.common.huge_pages); the baseline runs with a
+plain process's defaults. `THP_MEM_ALLOC_ENABLE=1 python bench/round_throughput.py` gives both
+huge pages, `THP_MEM_ALLOC_ENABLE=0` neither.
 
     python bench/round_throughput.py [--sizes 27m 196m] [--workers 4] [--copies 4]
     python bench/round_throughput.py --serve-plain PORT MODEL OUT K   # the baseline server (internal)
@@ -96,6 +102,20 @@ def loopback_gbps(total: int = 1 << 30, chunk: int = 1 << 20) -> float:
     receiver.join()
     server.close()
     return total / (time.perf_counter() - started) / 1e9
+
+
+def disk_write_gb_s(folder: Path, total: int = 1 << 29, chunk: int = 1 << 20) -> float:
+    """GB/s of writing a file and fsyncing it in `folder`: how PUM's server keeps each upload (durably)."""
+    path, data = folder / "disk-probe.bin", os.urandom(chunk)
+    started = time.perf_counter()
+    with path.open("wb") as f:
+        for _ in range(total // chunk):
+            f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - started
+    path.unlink()
+    return total / seconds / 1e9
 
 
 def rng_floats_per_s(n: int = 1 << 25) -> float:
@@ -287,10 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
     load = os.getloadavg()[0]
-    tcp, rng = loopback_gbps(), rng_floats_per_s()
-    log.info("loopback TCP %.2f GB/s, RNG %.0f M floats/s (one thread), load %.2f", tcp, rng / 1e6, load)
-    rows = []
     tmp = Path(tempfile.mkdtemp(prefix="pum-throughput-"))
+    tcp, rng, disk = loopback_gbps(), rng_floats_per_s(), disk_write_gb_s(tmp)
+    log.info("loopback TCP %.2f GB/s, RNG %.0f M floats/s (one thread), disk write + fsync %.2f GB/s, load %.2f",
+             tcp, rng / 1e6, disk, load)
+    rows = []
     try:
         for size in args.sizes:
             model_dir = ensure_model(args.cache_dir, size)
@@ -309,19 +330,20 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio": median["pum"]["round_s"] / median["plain"]["round_s"],
                 "pum_gb_s": moved / 1e9 / median["pum"]["round_s"], "plain_gb_s": moved / 1e9 / median["plain"]["round_s"],
                 "rng_floor_s": args.copies * params / rng,
+                "upload_write_floor_s": args.workers * 4 * params / 1e9 / disk,  # the uploads, durably on disk
                 "pum_peak_rss_mb": median["pum"]["peak_rss_mb"], "plain_peak_rss_mb": median["plain"]["peak_rss_mb"],
             })
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"load average {load:.2f}; loopback TCP {tcp:.2f} GB/s; RNG {rng / 1e6:.0f} M floats/s on one thread; "
-          f"{args.workers} workers, m = {args.copies}")
+          f"disk write + fsync {disk:.2f} GB/s; {args.workers} workers, m = {args.copies}")
     print(f"{'model':>6} {'params':>8} {'PUM s':>7} {'plain s':>8} {'ratio':>6} {'PUM GB/s':>9} {'plain GB/s':>11} "
-          f"{'RNG floor s':>12} {'PUM RSS MB':>11} {'plain RSS MB':>13}")
+          f"{'RNG floor s':>12} {'upload write s':>15} {'PUM RSS MB':>11} {'plain RSS MB':>13}")
     for r in rows:
         print(f"{r['size']:>6} {r['params'] / 1e6:>7.1f}M {r['pum_s']:>7.2f} {r['plain_s']:>8.2f} {r['ratio']:>6.2f} "
-              f"{r['pum_gb_s']:>9.2f} {r['plain_gb_s']:>11.2f} {r['rng_floor_s']:>12.2f} {r['pum_peak_rss_mb']:>11.0f} "
-              f"{r['plain_peak_rss_mb']:>13.0f}")
+              f"{r['pum_gb_s']:>9.2f} {r['plain_gb_s']:>11.2f} {r['rng_floor_s']:>12.2f} "
+              f"{r['upload_write_floor_s']:>15.2f} {r['pum_peak_rss_mb']:>11.0f} {r['plain_peak_rss_mb']:>13.0f}")
     largest = rows[-1]
     server_s_per_gb = (largest["pum_s"] - largest["rng_floor_s"]) / largest["moved_gb"]
     projected = {name: projection(p, 4, max(server_s_per_gb, 0.0), rng) for name, p in PROJECTED.items()}
@@ -333,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:>5} {p['download_gb_per_copy']:>8.1f} {p['upload_gb_per_copy']:>6.1f} {p['server_disk_io_gb']:>12.0f} "
               f"{p['server_peak_disk_gb']:>13.0f} {p['worker_disk_gb']:>15.0f} {p['worker_ram_gb_float32']:>14.0f} "
               + " ".join(f"{p['round_s'][f'{link}gbit_s']:>11.0f}" for link in LINKS_GBIT))
-    print(json.dumps({"load_average": load, "loopback_tcp_gb_s": tcp, "rng_floats_per_s": rng, "workers": args.workers,
+    print(json.dumps({"load_average": load, "loopback_tcp_gb_s": tcp, "rng_floats_per_s": rng,
+                      "disk_write_gb_s": disk, "workers": args.workers,
                       "copies": args.copies, "rounds": rows, "projection": projected,
                       "bench_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
     return 0

@@ -8,6 +8,7 @@ import sys
 from importlib import metadata
 
 from pum.common.errors import PumError
+from pum.common.huge_pages import prefer_huge_pages
 from pum.common.logs import LOG_FORMATS
 from pum.common.logs import configure as configure_logs
 
@@ -80,6 +81,7 @@ def unreachable(err: Exception, server: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    prefer_huge_pages()  # before any tensor exists: PyTorch reads it once
     import httpx
 
     args = build_parser().parse_args(argv)
