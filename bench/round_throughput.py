@@ -52,6 +52,7 @@ DELTA_VALUE = 1e-4
 SIZES = {  # float32 Llamas, untied head, 32 k vocabulary
     "27m": dict(vocab_size=32000, hidden=320, layers=4, heads=8, intermediate=864, tie=False),
     "196m": dict(vocab_size=32000, hidden=1024, layers=10, heads=16, intermediate=2816, tie=False),
+    "1m": dict(vocab_size=2000, hidden=128, layers=2, heads=4, intermediate=512, tie=False),  # the script's test
 }
 PROJECTED = {"7B": 6.74e9, "70B": 68.98e9}  # parameters of Llama-2 7B and 70B
 LINKS_GBIT = (1, 10, 25)
@@ -292,7 +293,7 @@ def projection(params: float, m: int, server_s_per_gb: float, rng_per_s: float) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=["27m", "196m"], choices=list(SIZES))
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--copies", type=int, default=4, help="m of the PUM round (default: one copy per worker)")
     parser.add_argument("--repeat", type=int, default=1, help="rounds per size and server (the median is kept)")
